@@ -1,0 +1,178 @@
+"""Thin wrappers over the Linux calls the sandbox needs.
+
+No policy lives here: every function does one system call and turns a failure
+into ``OSError(errno, ...)`` so that callers can tell EPERM from ENOSPC.  The
+module imports on every platform (a macOS developer must still be able to load
+the plugin); the calls themselves only work on Linux.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import socket
+import struct
+import ctypes.util
+import os
+import platform
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_MOVE = 0x2000
+MS_REC = 0x4000
+MS_SILENT = 0x8000
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+
+MNT_DETACH = 0x2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+#: ``statvfs`` flag bits that are locked on mounts inherited into a user
+#: namespace, mapped to the ``mount(2)`` flags that must be repeated on remount.
+ST_TO_MS = (
+    (os.ST_RDONLY, MS_RDONLY),
+    (os.ST_NOSUID, MS_NOSUID),
+    (os.ST_NODEV, MS_NODEV),
+    (os.ST_NOEXEC, MS_NOEXEC),
+    (os.ST_NOATIME, MS_NOATIME),
+    (os.ST_NODIRATIME, MS_NODIRATIME),
+    (os.ST_RELATIME, MS_RELATIME),
+)
+
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "arm64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+IS_LINUX = platform.system() == "Linux"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _check(result: int, what: str, *args: object) -> None:
+    if result < 0:
+        err = ctypes.get_errno()
+        detail = ", ".join(repr(a) for a in args)
+        raise OSError(err, f"{what}({detail}): {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    if hasattr(os, "unshare"):
+        os.unshare(flags)
+        return
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare", hex(flags))
+
+
+def setns(fd: int, nstype: int) -> None:
+    if hasattr(os, "setns"):
+        os.setns(fd, nstype)
+        return
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns", fd, hex(nstype))
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    _check(
+        _libc.mount(
+            None if source is None else os.fsencode(source),
+            os.fsencode(target),
+            None if fstype is None else os.fsencode(fstype),
+            ctypes.c_ulong(flags),
+            None if data is None else os.fsencode(data),
+        ),
+        "mount",
+        source,
+        target,
+        fstype,
+        hex(flags),
+        data,
+    )
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(os.fsencode(target), ctypes.c_int(flags)), "umount2", target, flags)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise OSError(38, f"pivot_root: unknown syscall number on {platform.machine()}")
+    _check(
+        _libc.syscall(ctypes.c_long(number), os.fsencode(new_root), os.fsencode(put_old)),
+        "pivot_root",
+        new_root,
+        put_old,
+    )
+
+
+def prctl(option: int, arg: int) -> None:
+    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0), "prctl", option, arg)
+
+
+def mount_flags_of(path: str) -> int:
+    """The ``MS_*`` flags a bind remount of ``path`` must repeat (they are locked in a user namespace)."""
+    st = os.statvfs(path)
+    flags = 0
+    for st_bit, ms_bit in ST_TO_MS:
+        if st.f_flag & st_bit:
+            flags |= ms_bit
+    return flags
+
+
+_SYS_MOUNT_SETATTR = 442  # the same number on every architecture (added in 5.12)
+_AT_FDCWD = -100
+_AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = (
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    )
+
+
+def mount_setattr_rdonly(path: str) -> None:
+    """Make a whole mount tree read-only in one call; unlike a remount it also covers submounts."""
+    attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_MOUNT_SETATTR),
+            ctypes.c_int(_AT_FDCWD),
+            os.fsencode(path),
+            ctypes.c_uint(_AT_RECURSIVE),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        ),
+        "mount_setattr",
+        path,
+    )
+
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ = "16sh14s"
+
+
+def interface_up(name: str) -> None:
+    """Bring a network interface up (a new network namespace starts with ``lo`` down)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack(_IFREQ, name.encode(), 0, b"")
+        flags = struct.unpack(_IFREQ, fcntl.ioctl(s, _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack(_IFREQ, name.encode(), flags | _IFF_UP, b""))

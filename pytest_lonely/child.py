@@ -1,0 +1,277 @@
+"""Everything that happens after the fork, inside the container.
+
+This module must not import the parent-side plugin: the child's only link to
+the parent is the pipe, and everything it needs arrives in a :class:`Launch`
+built before the fork.  Every path out of :func:`main` ends in ``os._exit`` so
+that no parent-side ``atexit`` handler, buffered output or ``finally`` block
+runs twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import faulthandler
+import os
+import platform
+import signal
+import socket
+import sys
+import traceback
+import warnings
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import pytest
+from _pytest.runner import CallInfo, call_and_report, show_test_item
+
+from . import _syscalls as sc
+from . import protocol, rootfs
+from .container import Container
+from .errors import LonelyWarning
+
+if TYPE_CHECKING:
+    from _pytest.reports import TestReport
+
+#: Exit status of a child whose container could not be built (after an ERROR frame).
+EXIT_SETUP_FAILED = 70
+#: Exit status of a child that hit a bug in this plugin (after an ERROR frame).
+EXIT_INTERNAL = 71
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Everything the child needs, prepared by the parent so the child does no planning."""
+
+    item: pytest.Item
+    container: Container
+    ops: tuple[rootfs.Op, ...]
+    #: ``unshare`` flags for the process that becomes (root) or forks (rootless) PID 1.
+    flags: int
+    uid: int
+    gid: int
+    parent_pid: int
+    write_fd: int
+    diag_fd: int
+    cwd: str
+    coverage: bool
+
+
+_current: Container | None = None
+
+
+def current() -> Container | None:
+    """The container this process runs in, or None in the parent."""
+    return _current
+
+
+def main(launch: Launch) -> NoReturn:
+    """Entry point right after ``os.fork()``; never returns."""
+    status = EXIT_INTERNAL
+    try:
+        if launch.container.rootless:
+            status = _rootless_middle(launch)
+        else:
+            _guard_parent(launch.parent_pid)
+            sc.unshare(launch.flags)
+            status = _pid1(launch)
+    except BaseException as exc:  # the parent must always learn why
+        _send_error(launch, exc)
+    finally:
+        os._exit(status)
+
+
+def _send_error(launch: Launch, exc: BaseException) -> None:
+    if isinstance(exc, (rootfs.RootfsError, OSError)):
+        message = f"could not start the container: {exc}"
+    else:
+        message = "pytest-lonely internal error in the container:\n" + "".join(traceback.format_exception(exc))
+    try:
+        protocol.write_all(launch.write_fd, protocol.encode(protocol.ERROR, message))
+    except OSError:
+        pass
+
+
+def _stat_pids() -> tuple[int, int]:
+    """(pid, ppid) as the host sees them: /proc is still the host's at this point."""
+    with open("/proc/self/stat", "rb") as f:
+        data = f.read()
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(data.split(b" ", 1)[0]), int(fields[1])
+
+
+def _guard_parent(expected_ppid: int) -> None:
+    # PDEATHSIG is armed only from here on: if the parent died before, we would never be told.
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _stat_pids()[1] != expected_ppid:
+        os._exit(EXIT_SETUP_FAILED)
+
+
+def _rootless_middle(launch: Launch) -> int:
+    """Rootless: enter a user namespace, map ourselves to root, then fork PID 1."""
+    _guard_parent(launch.parent_pid)
+    sc.unshare(sc.CLONE_NEWUSER | launch.flags)
+    _write("/proc/self/uid_map", f"0 {launch.uid} 1\n")
+    _write("/proc/self/setgroups", "deny\n")
+    _write("/proc/self/gid_map", f"0 {launch.gid} 1\n")
+    middle = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        status = EXIT_INTERNAL
+        try:
+            _guard_parent(middle)
+            status = _pid1(launch)
+        except BaseException as exc:
+            _send_error(launch, exc)
+        finally:
+            os._exit(status)
+    os.close(launch.write_fd)
+    _, wait_status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(wait_status):
+        # Die the same way, so the parent reports the real signal.
+        sig = os.WTERMSIG(wait_status)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(middle, sig)
+    return os.waitstatus_to_exitcode(wait_status)
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _pid1(launch: Launch) -> int:
+    """We are PID 1 of the new PID namespace: build the root, then run the test."""
+    global _current
+    host_pid, _ = _stat_pids()
+    rootfs.enter_scratch()
+    notes = rootfs.apply(launch.ops)
+    rootfs.switch_root(launch.cwd)
+    container = dataclasses.replace(launch.container, host_pid=host_pid)
+    socket.sethostname(container.hostname)
+    if "net" in container.namespaces:
+        sc.interface_up("lo")
+    if "HOSTNAME" in os.environ:
+        os.environ["HOSTNAME"] = container.hostname
+    _forget_uname()
+    _current = container
+    send = _sender(launch.write_fd)
+    send(protocol.HELLO, {"host_pid": host_pid})
+    faulthandler.enable(file=launch.diag_fd, all_threads=True)
+    if container.timeout:
+        faulthandler.dump_traceback_later(container.timeout, exit=True, file=launch.diag_fd)
+    with warnings.catch_warnings(record=True) as recorded:
+        for note in notes:
+            warnings.warn(LonelyWarning(note), stacklevel=1)
+        try:
+            _run_phases(launch.item, container, send, recorded)
+        except pytest.exit.Exception as exc:
+            send(protocol.EXIT, (exc.msg, exc.returncode))
+            return 0
+        except KeyboardInterrupt:
+            send(protocol.INTERRUPT, None)
+            return 0
+        finally:
+            _flush_warnings(recorded, send)
+    faulthandler.cancel_dump_traceback_later()
+    if launch.coverage:
+        send_coverage(send)
+    send(protocol.DONE, None)
+    return 0
+
+
+def _forget_uname() -> None:
+    # platform caches uname() in the parent; the child must see its own hostname.
+    cache_clear = getattr(platform.uname, "cache_clear", None)
+    if cache_clear is not None:
+        cache_clear()
+    if hasattr(platform, "_uname_cache"):
+        platform._uname_cache = None
+
+
+def _sender(fd: int) -> Any:
+    def send(kind: str, payload: object) -> None:
+        protocol.write_all(fd, protocol.encode(kind, payload))
+
+    return send
+
+
+def _run_phases(item: pytest.Item, container: Container, send: Any, recorded: list[warnings.WarningMessage]) -> None:
+    config = item.config
+
+    def report(rep: TestReport) -> TestReport:
+        _check_properties(rep)
+        send(protocol.REPORT, config.hook.pytest_report_to_serializable(config=config, report=rep))
+        _flush_warnings(recorded, send)
+        return rep
+
+    setup_call = CallInfo.from_call(
+        lambda: config.hook.pytest_lonely_setup_container(container=container, item=item),
+        when="setup",
+        reraise=(pytest.exit.Exception, KeyboardInterrupt),
+    )
+    if setup_call.excinfo is not None:
+        report(item.ihook.pytest_runtest_makereport(item=item, call=setup_call))
+        setup_passed = False
+    else:
+        setup_passed = report(call_and_report(item, "setup", log=False)).passed
+    if setup_passed:
+        if config.getoption("setupshow", False):
+            show_test_item(item)
+        if not config.getoption("setuponly", False):
+            report(call_and_report(item, "call", log=False))
+    # Tear down only what the child set up: the item's own (function-scoped) fixtures.
+    # Broader scopes belong to the parent, which tears them down when their scope ends.
+    state = item.session._setupstate
+    teardown_exact = state.teardown_exact
+    parent_node = item.parent
+    state.teardown_exact = lambda nextitem: teardown_exact(parent_node)  # type: ignore[method-assign,arg-type]
+    report(call_and_report(item, "teardown", log=False, nextitem=None))
+
+
+def _check_properties(rep: TestReport) -> None:
+    """``record_property`` values must cross the pipe: anything else is sent as its repr, with a warning."""
+    for index, (name, value) in enumerate(rep.user_properties):
+        if protocol.plain(value) is not value and protocol.plain(value) != value:
+            rep.user_properties[index] = (name, repr(value))
+            warnings.warn(
+                LonelyWarning(
+                    f"record_property({name!r}, ...) value of type {type(value).__name__} cannot leave the "
+                    f"container; its repr() was recorded instead"
+                ),
+                stacklevel=1,
+            )
+
+
+def _flush_warnings(recorded: list[warnings.WarningMessage], send: Any) -> None:
+    for w in recorded:
+        category = w.category
+        send(
+            protocol.WARNING,
+            {
+                "message": str(w.message),
+                "module": category.__module__,
+                "qualname": category.__qualname__,
+                "filename": str(w.filename),
+                "lineno": int(w.lineno or 0),
+            },
+        )
+    recorded.clear()
+
+
+def send_coverage(send: Any) -> None:
+    """Hand the lines measured in here to the parent's coverage, which ``os._exit`` would lose."""
+    coverage = sys.modules.get("coverage")
+    if coverage is None:
+        return
+    cov = coverage.Coverage.current()
+    if cov is None:
+        return
+    cov.stop()
+    data = cov.get_data()
+    files = data.measured_files()
+    if data.has_arcs():
+        send(protocol.COVERAGE, ("arcs", {f: list(data.arcs(f) or ()) for f in files}))
+    else:
+        send(protocol.COVERAGE, ("lines", {f: list(data.lines(f) or ()) for f in files}))

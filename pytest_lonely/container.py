@@ -1,0 +1,31 @@
+"""The public description of one container, as the ``container`` fixture returns it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Container:
+    """What a test can learn about the sandbox it runs in.
+
+    The same object, with the same ``id``, is passed to the
+    ``pytest_lonely_*`` hooks in the parent, so a conftest can correlate what
+    it saw inside with what it sees outside.
+    """
+
+    #: 12 lowercase hex characters, unique in this run.
+    id: str
+    #: The UTS hostname inside the container.
+    hostname: str
+    #: PID of the container's PID 1 as the host sees it (0 until the container has started).
+    host_pid: int
+    #: Namespaces the container has its own copy of, e.g. ``{"pid", "mnt", "uts", "ipc"}``.
+    namespaces: frozenset[str]
+    #: True when the container runs in a user namespace because pytest is not root.
+    rootless: bool
+    #: The configured root filesystem (a directory or the tarball it came from), or None for the host view.
+    rootfs: Path | None
+    #: Seconds before the whole container is killed; 0 means never.
+    timeout: float = 0.0
