@@ -1,0 +1,73 @@
+"""Shared fixtures: real pytest sessions in subprocesses, and a guard that the host is left as found."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE_ROOTFS = REPO / "fixtures" / "rootfs"
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+BUSYBOX_APPLETS = ("sh", "ls", "ps", "cat", "hostname", "id", "sleep", "echo", "mount", "true", "env")
+
+
+def _mount_table() -> list[str]:
+    # Mount IDs and peer groups change; the mount points and sources must not.
+    with open("/proc/self/mountinfo") as f:
+        return sorted(" ".join(line.split()[4:]) for line in f)
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    kids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            if data[data.rindex(b")") + 2 :].split()[1].decode() == me:
+                kids.add(int(entry))
+    return kids
+
+
+@pytest.fixture(autouse=True, scope="session")
+def host_left_as_found() -> Iterator[None]:
+    """Every test in this suite must leave the mount table and the process tree as it found them."""
+    before = _mount_table()
+    yield
+    after = _mount_table()
+    assert after == before, f"mounts leaked into the host: {sorted(set(after) - set(before))}"
+    assert not _children(), f"child processes left behind: {_children()}"
+
+
+@pytest.fixture
+def run_lonely(pytester: pytest.Pytester):  # type: ignore[no-untyped-def]
+    """Run pytest with the plugin in a subprocess (anything that forks must not run in-process)."""
+
+    def run(*args: str, timeout: float = 120) -> pytest.RunResult:
+        return pytester.runpytest_subprocess("-p", "lonely", "-p", "no:cacheprovider", *args, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def busybox_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete root (it has usr/): Debian's static BusyBox and nothing of the host."""
+    if not os.path.exists(BUSYBOX):
+        pytest.skip("busybox-static is not installed (apt-get install busybox-static)")
+    root = tmp_path_factory.mktemp("busybox-root")
+    for d in ("bin", "usr/bin", "etc", "proc", "dev", "tmp", "sys", "root"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    (root / "bin" / "busybox").chmod(0o755 | stat.S_IXOTH)
+    for applet in BUSYBOX_APPLETS:
+        (root / "bin" / applet).symlink_to("/bin/busybox")
+    (root / "etc" / "os-release").write_text('NAME="BusyBox"\nID=busybox\n')
+    return root
