@@ -46,14 +46,18 @@ PR_SET_CHILD_SUBREAPER = 36
 
 #: ``statvfs`` flag bits that are locked on mounts inherited into a user
 #: namespace, mapped to the ``mount(2)`` flags that must be repeated on remount.
-ST_TO_MS = (
-    (os.ST_RDONLY, MS_RDONLY),
-    (os.ST_NOSUID, MS_NOSUID),
-    (os.ST_NODEV, MS_NODEV),
-    (os.ST_NOEXEC, MS_NOEXEC),
-    (os.ST_NOATIME, MS_NOATIME),
-    (os.ST_NODIRATIME, MS_NODIRATIME),
-    (os.ST_RELATIME, MS_RELATIME),
+ST_TO_MS = tuple(
+    (getattr(os, name), ms)  # the Linux-only ST_* names are absent elsewhere
+    for name, ms in (
+        ("ST_RDONLY", MS_RDONLY),
+        ("ST_NOSUID", MS_NOSUID),
+        ("ST_NODEV", MS_NODEV),
+        ("ST_NOEXEC", MS_NOEXEC),
+        ("ST_NOATIME", MS_NOATIME),
+        ("ST_NODIRATIME", MS_NODIRATIME),
+        ("ST_RELATIME", MS_RELATIME),
+    )
+    if hasattr(os, name)
 )
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "arm64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}

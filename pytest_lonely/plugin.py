@@ -397,13 +397,13 @@ class _Run:
         if outcome.kind == "error":
             message = str(outcome.payload)
         elif outcome.kind == "timeout":
-            message = f"Timeout: the container was killed after {spec.timeout:g} seconds"
+            message = f"Timeout: the test timed out after {spec.timeout:g} seconds; its whole container was killed"
         else:
             message = describe_status(outcome.exitstatus)
             if outcome.payload:
                 message += f"; {outcome.payload}"
         if outcome.diag:
-            message += "\n\n" + outcome.diag.rstrip()
+            message += "\n\n" + trim_traceback(outcome.diag)
         phase = self.missing_phase()
         if phase == "teardown" and self.held_teardown is not None:
             self.held_teardown = None  # a teardown report that arrived is complete; the death came after
@@ -449,6 +449,29 @@ class _Run:
         self.log(report)
         if check_interactive_exception(call, report):
             item.ihook.pytest_exception_interact(node=item, call=call, report=report)
+
+
+_INTERNAL_FRAMES: Final = ("/_pytest/", "/pluggy/", f"{os.sep}pytest_lonely{os.sep}", "<frozen runpy>", "/pytest/__main__.py")
+
+
+def trim_traceback(text: str) -> str:
+    """Cut a faulthandler dump at the first pytest, pluggy or pytest-lonely frame.
+
+    faulthandler prints the innermost frame first, so what comes after the
+    test's own frames is only the machinery that called it.
+    """
+    kept: list[str] = []
+    cut = False
+    for line in text.rstrip().splitlines():
+        if line.startswith("  File ") and any(marker in line for marker in _INTERNAL_FRAMES):
+            cut = True
+            continue
+        if cut and line.startswith("  File "):
+            continue
+        if not line.startswith("  "):
+            cut = False
+        kept.append(line)
+    return "\n".join(kept)
 
 
 def _setup_in_parent(item: pytest.Item) -> None:
