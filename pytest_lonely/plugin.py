@@ -279,17 +279,24 @@ class _Run:
         item = self.item
         if hasattr(item, "_request") and not item._request:
             item._initrequest()  # a rerun, as pytest-rerunfailures does
+        # Abort outside the except blocks, or the report would chain our exception into it.
+        problem = None
         try:
             spec = _spec_for(item, self.state.defaults)
         except SpecError as exc:
-            return self.abort(str(exc))
+            problem = str(exc)
+        if problem is not None:
+            return self.abort(problem)
         availability = self.state.availability()
         if not availability.ok:
             return self.abort(f"isolation unavailable: {availability.reason}", skip=self.state.unavailable == "skip")
+        root = None
         try:
             root = None if spec.rootfs is None else self.state.rootfs_dir(spec.rootfs)
         except archive.ArchiveError as exc:
-            return self.abort(f"rootfs={str(spec.rootfs)!r}: {exc}")
+            problem = str(exc)
+        if problem is not None:
+            return self.abort(problem)
         ops = self.state.plan(root, spec.network)
 
         setup = self.in_parent("setup", lambda: _setup_in_parent(item))

@@ -203,6 +203,8 @@ def plan(layout: HostLayout, key: PlanKey) -> tuple[Op, ...]:
         else:
             # Overlayfs refuses a lower layer with locked submounts inside a user namespace,
             # so each top-level directory gets its own layer, or a read-only bind if it holds mounts.
+            # The top level itself is a tmpfs: writable, throwaway, and a mount point for pivot_root.
+            ops.append((MOUNT, "tmpfs", NEW, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755"))
             for name, kind, target in layout.top:
                 path = "/" + name
                 if kind == "symlink":
