@@ -9,12 +9,12 @@ the plugin); the calls themselves only work on Linux.
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import socket
-import struct
 import ctypes.util
+import fcntl
 import os
 import platform
+import socket
+import struct
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000

@@ -21,7 +21,8 @@ import warnings
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
-from _pytest.runner import CallInfo, call_and_report, show_test_item
+from _pytest import runner
+from _pytest.runner import CallInfo
 
 from . import _syscalls as sc
 from . import protocol, rootfs
@@ -198,36 +199,43 @@ def _sender(fd: int) -> Any:
 
 
 def _run_phases(item: pytest.Item, container: Container, send: Any, recorded: list[warnings.WarningMessage]) -> None:
+    """Run pytest's own ``runtestprotocol``, streaming each phase's report as it is made.
+
+    Only this process is patched, and it is about to exit: ``call_and_report``
+    is wrapped so every report goes down the pipe the moment it exists (a
+    death in teardown cannot take the call report with it), and the teardown
+    stops at the item itself.  Broader scopes belong to the parent, which
+    tears them down when their scope ends.
+    """
     config = item.config
 
-    def report(rep: TestReport) -> TestReport:
+    def send_report(rep: TestReport) -> TestReport:
         _check_properties(rep)
         send(protocol.REPORT, config.hook.pytest_report_to_serializable(config=config, report=rep))
         _flush_warnings(recorded, send)
         return rep
 
-    setup_call = CallInfo.from_call(
-        lambda: config.hook.pytest_lonely_setup_container(container=container, item=item),
-        when="setup",
-        reraise=(pytest.exit.Exception, KeyboardInterrupt),
-    )
-    if setup_call.excinfo is not None:
-        report(item.ihook.pytest_runtest_makereport(item=item, call=setup_call))
-        setup_passed = False
-    else:
-        setup_passed = report(call_and_report(item, "setup", log=False)).passed
-    if setup_passed:
-        if config.getoption("setupshow", False):
-            show_test_item(item)
-        if not config.getoption("setuponly", False):
-            report(call_and_report(item, "call", log=False))
-    # Tear down only what the child set up: the item's own (function-scoped) fixtures.
-    # Broader scopes belong to the parent, which tears them down when their scope ends.
+    original = runner.call_and_report
+
+    def call_and_report(item: pytest.Item, when: Any, log: bool = True, **kwds: Any) -> TestReport:
+        return send_report(original(item, when, False, **kwds))
+
+    runner.call_and_report = call_and_report
     state = item.session._setupstate
     teardown_exact = state.teardown_exact
     parent_node = item.parent
     state.teardown_exact = lambda nextitem: teardown_exact(parent_node)  # type: ignore[method-assign,arg-type]
-    report(call_and_report(item, "teardown", log=False, nextitem=None))
+
+    hook_call = CallInfo.from_call(
+        lambda: config.hook.pytest_lonely_setup_container(container=container, item=item),
+        when="setup",
+        reraise=(pytest.exit.Exception, KeyboardInterrupt),
+    )
+    if hook_call.excinfo is not None:
+        send_report(item.ihook.pytest_runtest_makereport(item=item, call=hook_call))
+        call_and_report(item, "teardown", nextitem=None)
+        return
+    runner.runtestprotocol(item, log=False, nextitem=None)
 
 
 def _check_properties(rep: TestReport) -> None:

@@ -16,9 +16,8 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Generator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import pytest
 from _pytest.runner import CallInfo, check_interactive_exception, get_reraise_exceptions
@@ -26,7 +25,6 @@ from _pytest.runner import CallInfo, check_interactive_exception, get_reraise_ex
 from . import _syscalls as sc
 from . import archive, child, hookspecs, probe, protocol, rootfs
 from .container import Container
-from .errors import LonelyWarning
 from .launcher import Launcher, Outcome, describe_status
 from .spec import FIELDS, Spec, SpecError, defaults_from
 
@@ -35,19 +33,41 @@ FIXTURE: Final = "container"
 
 _UNAVAILABLE_CHOICES: Final = ("fail", "skip")
 
+Phase = Literal["setup", "call", "teardown"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("lonely", "run tests in lightweight Linux containers (pytest-lonely)")
-    group.addoption("--lonely-rootfs", metavar="PATH", default=None, help="root filesystem for isolated tests: a directory or a tarball (default: copy-on-write view of the host)")
-    group.addoption("--lonely-timeout", metavar="SECONDS", default=None, help="kill an isolated test's whole container after this many seconds; 0 means never (default: 0)")
-    group.addoption("--lonely-network", metavar="host|none", default=None, help="host: share the host network (default); none: private network namespace with only lo")
+    group.addoption(
+        "--lonely-rootfs",
+        metavar="PATH",
+        default=None,
+        help="root filesystem for isolated tests: a directory or a tarball (default: copy-on-write view of the host)",
+    )
+    group.addoption(
+        "--lonely-timeout",
+        metavar="SECONDS",
+        default=None,
+        help="kill an isolated test's whole container after this many seconds; 0 means never (default: 0)",
+    )
+    group.addoption(
+        "--lonely-network",
+        metavar="host|none",
+        default=None,
+        help="host: share the host network (default); none: private network namespace with only lo",
+    )
     group.addoption("--lonely-all", action="store_true", default=None, help="isolate every test, marked or not")
-    group.addoption("--lonely-unavailable", metavar="fail|skip", default=None, help="what isolated tests do when this machine cannot create containers (default: fail)")
+    group.addoption(
+        "--lonely-unavailable",
+        metavar="fail|skip",
+        default=None,
+        help="what isolated tests do when this machine cannot create containers (default: fail)",
+    )
     parser.addini("lonely_rootfs", "root filesystem for isolated tests (relative to this ini file)", default="")
     parser.addini("lonely_timeout", "seconds before an isolated test's container is killed (0: never)", default="")
     parser.addini("lonely_network", "host or none", default="")
     parser.addini("lonely_all", "isolate every test", type="bool", default=False)
-    parser.addini("lonely_unavailable", "fail or skip isolated tests when containers are unavailable", default="")  # fmt: skip
+    parser.addini("lonely_unavailable", "fail or skip isolated tests when containers are unavailable", default="")
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -126,17 +146,7 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MARKER}(hostname=None, rootfs=None, timeout=None, network=None): run this test in its own "
         "container (PID, mount, UTS and IPC namespaces, throwaway root filesystem). See pytest-lonely.",
     )
-    for name in ("forked", "pytest_forked", "isolated", "pytest_isolated"):
-        if config.pluginmanager.has_plugin(name) and name.endswith(("forked",)) and config.getoption("forked", False):
-            raise pytest.UsageError(
-                "pytest-lonely and pytest-forked (--forked) both want to run tests in a child process; "
-                "drop --forked, or disable pytest-lonely with -p no:lonely"
-            )
-        if config.pluginmanager.has_plugin(name) and name.endswith("isolated"):
-            raise pytest.UsageError(
-                f"pytest-lonely and the plugin {name!r} both claim @pytest.mark.isolated; "
-                f"disable one of them (-p no:lonely or -p no:{name})"
-            )
+    _refuse_rivals(config)
     inidir = config.inipath.parent if config.inipath else config.rootpath
     cli = {f.name: config.getoption(f.cli.lstrip("-").replace("-", "_")) for f in FIELDS if f.cli}
     ini = {f.name: config.getini(f.ini) for f in FIELDS if f.ini}
@@ -150,6 +160,20 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"{source}={unavailable!r}: allowed are {', '.join(_UNAVAILABLE_CHOICES)}")
     isolate_all = bool(config.getoption("lonely_all") or config.getini("lonely_all"))
     config.stash[SESSION_KEY] = Session(config, defaults, isolate_all, unavailable)
+
+
+def _refuse_rivals(config: pytest.Config) -> None:
+    """Two plugins that each fork a test would run it twice or not at all: say so instead."""
+    if config.pluginmanager.has_plugin("isolated"):
+        raise pytest.UsageError(
+            "pytest-lonely and pytest-isolated are both loaded and both claim @pytest.mark.isolated; "
+            "disable one of them: -p no:isolated or -p no:lonely"
+        )
+    if config.pluginmanager.has_plugin("pytest_forked") and config.getoption("forked", False):
+        raise pytest.UsageError(
+            "--forked (pytest-forked) and pytest-lonely both run tests in a child process; "
+            "drop --forked (isolated tests already run in their own process) or disable pytest-lonely with -p no:lonely"
+        )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -180,11 +204,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def is_isolated(item: pytest.Item) -> bool:
+    """Marked, asking for the ``container`` fixture, or everything under ``--lonely-all``."""
     state = item.config.stash[SESSION_KEY]
     return (
-        state.isolate_all
-        or item.get_closest_marker(MARKER) is not None
-        or FIXTURE in getattr(item, "fixturenames", ())
+        state.isolate_all or item.get_closest_marker(MARKER) is not None or FIXTURE in getattr(item, "fixturenames", ())
     )
 
 
@@ -210,10 +233,31 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if not is_isolated(item) or _skipped_anyway(item):
         return None
     ihook = item.ihook
-    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    _Run(item, nextitem).run()
-    ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    reruns = _reruns(item)
+    for attempt in range(reruns + 1):
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        run = _Run(item, nextitem, attempt=attempt, may_rerun=attempt < reruns)
+        run.run()
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        if not run.rerunning:
+            break
     return True
+
+
+def _reruns(item: pytest.Item) -> int:
+    """How often pytest-rerunfailures wants this test re-run; each attempt gets a fresh container.
+
+    Our protocol replaces pytest-rerunfailures' own for isolated tests, so
+    we ask it for the count (``--reruns`` or the ``flaky`` marker) and mark
+    failed attempts with its ``rerun`` outcome.
+    """
+    module = sys.modules.get("pytest_rerunfailures")
+    if module is None or not item.config.pluginmanager.has_plugin("rerunfailures"):
+        return 0
+    try:
+        return int(module.get_reruns_count(item) or 0)
+    except Exception:
+        return 0
 
 
 def _skipped_anyway(item: pytest.Item) -> bool:
@@ -229,9 +273,15 @@ def _skipped_anyway(item: pytest.Item) -> bool:
 class _Run:
     """One isolated test, from the parent's point of view."""
 
-    def __init__(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    def __init__(
+        self, item: pytest.Item, nextitem: pytest.Item | None, attempt: int = 0, may_rerun: bool = False
+    ) -> None:
         self.item = item
-        self.nextitem = nextitem
+        # Between reruns keep every broader-scoped fixture: the next attempt needs them.
+        self.nextitem = item if may_rerun else nextitem
+        self.attempt = attempt
+        self.may_rerun = may_rerun
+        self.rerunning = False
         self.config = item.config
         self.state = self.config.stash[SESSION_KEY]
         self.capman = self.config.pluginmanager.getplugin("capturemanager")
@@ -242,6 +292,11 @@ class _Run:
 
     def log(self, report: pytest.TestReport) -> None:
         self.seen[report.when or ""] = report
+        if self.attempt or self.may_rerun:
+            report.rerun = self.attempt  # type: ignore[attr-defined]
+            if report.failed and (self.rerunning or (self.may_rerun and not hasattr(report, "wasxfail"))):
+                report.outcome = "rerun"  # type: ignore[assignment]
+                self.rerunning = True
         self.item.ihook.pytest_runtest_logreport(report=report)
 
     def make_report(self, call: CallInfo[None]) -> pytest.TestReport:
@@ -257,15 +312,15 @@ class _Run:
             report = pytest.TestReport.from_item_and_call(self.item, call)
         return report
 
-    def fail(self, when: str, message: str, skip: bool = False) -> pytest.TestReport:
+    def fail(self, when: Phase, message: str, skip: bool = False) -> pytest.TestReport:
         def raise_() -> None:
             if skip:
                 pytest.skip(message)
             pytest.fail(message, pytrace=False)
 
-        return self.make_report(CallInfo.from_call(raise_, when=when))  # type: ignore[arg-type]
+        return self.make_report(CallInfo.from_call(raise_, when=when))
 
-    def in_parent(self, when: str, func: Any) -> CallInfo[None]:
+    def in_parent(self, when: Phase, func: Any) -> CallInfo[None]:
         """Run ``func`` with output captured into the item's sections, as pytest does for its own phases."""
         reraise = get_reraise_exceptions(self.config)
         if self.capman is None:
@@ -278,7 +333,7 @@ class _Run:
     def run(self) -> None:
         item = self.item
         if hasattr(item, "_request") and not item._request:
-            item._initrequest()  # a rerun, as pytest-rerunfailures does
+            item._initrequest()  # type: ignore[attr-defined]  # a rerun, as pytest-rerunfailures does
         # Abort outside the except blocks, or the report would chain our exception into it.
         problem = None
         try:
@@ -308,7 +363,27 @@ class _Run:
             return self.teardown()
 
         container = self.container(spec)
-        outcome = self.state.launcher().run(
+        try:
+            outcome = self.launch(container, spec, ops)
+        except (Exception, pytest.fail.Exception) as exc:  # raised in the parent while waiting: pytest-timeout
+            outcome = Outcome(
+                "aborted",
+                payload=str(exc) if isinstance(exc, pytest.fail.Exception) else f"{type(exc).__name__}: {exc}",
+            )
+        self.conclude(outcome, spec)
+        self.teardown()
+        if hasattr(item, "_request"):
+            item._request = False
+            item.funcargs = None  # type: ignore[attr-defined]
+        self.config.hook.pytest_lonely_container_finished(
+            item=item,
+            container=dataclasses.replace(container, host_pid=outcome.host_pid),
+            exitstatus=outcome.exitstatus,
+        )
+
+    def launch(self, container: Container, spec: Spec, ops: tuple[rootfs.Op, ...]) -> Outcome:
+        item = self.item
+        return self.state.launcher().run(
             lambda write_fd, diag_fd: child.Launch(
                 item=item,
                 container=container,
@@ -325,14 +400,6 @@ class _Run:
             self.on_frame,
             spec.timeout,
             need_status=bool(self.config.hook.pytest_lonely_container_finished.get_hookimpls()),
-        )
-        self.conclude(outcome, spec)
-        self.teardown()
-        if hasattr(item, "_request"):
-            item._request = False
-            item.funcargs = None  # type: ignore[attr-defined]
-        self.config.hook.pytest_lonely_container_finished(
-            item=item, container=dataclasses.replace(container, host_pid=outcome.host_pid), exitstatus=outcome.exitstatus
         )
 
     def abort(self, message: str, skip: bool = False) -> None:
@@ -401,7 +468,7 @@ class _Run:
             raise KeyboardInterrupt
         if outcome.kind == "done":
             return
-        if outcome.kind == "error":
+        if outcome.kind in ("error", "aborted"):
             message = str(outcome.payload)
         elif outcome.kind == "timeout":
             message = f"Timeout: the test timed out after {spec.timeout:g} seconds; its whole container was killed"
@@ -413,8 +480,7 @@ class _Run:
             message += "\n\n" + trim_traceback(outcome.diag)
         phase = self.missing_phase()
         if phase == "teardown" and self.held_teardown is not None:
-            self.held_teardown = None  # a teardown report that arrived is complete; the death came after
-            return
+            return  # the teardown report arrived complete; whatever killed the container came after
         if self.capman is not None:
             out, err = self.capman.read_global_capture()
             if out:
@@ -430,7 +496,7 @@ class _Run:
         else:
             self.log(report)
 
-    def missing_phase(self) -> str:
+    def missing_phase(self) -> Phase:
         setup = self.seen.get("setup")
         if setup is None:
             return "setup"
@@ -444,21 +510,26 @@ class _Run:
         nextitem = None if item.session.shouldfail or item.session.shouldstop else self.nextitem
         call = self.in_parent("teardown", lambda: item.session._setupstate.teardown_exact(nextitem))
         held = self.held_teardown
-        if held is None:
-            report = self.make_report(call)
-        elif call.excinfo is not None and held.passed:
+        if held is None or (call.excinfo is not None and held.passed):
             report = self.make_report(call)
         else:
             report = held
-            for section in item._report_sections:
-                if section[0] == "teardown" and section not in report.sections:
-                    report.sections.append((f"Captured {section[1]} teardown", section[2]))
+            for when, key, content in item._report_sections:
+                section = (f"Captured {key} {when}", content)
+                if when == "teardown" and section not in report.sections:
+                    report.sections.append(section)
         self.log(report)
         if check_interactive_exception(call, report):
             item.ihook.pytest_exception_interact(node=item, call=call, report=report)
 
 
-_INTERNAL_FRAMES: Final = ("/_pytest/", "/pluggy/", f"{os.sep}pytest_lonely{os.sep}", "<frozen runpy>", "/pytest/__main__.py")
+_INTERNAL_FRAMES: Final = (
+    "/_pytest/",
+    "/pluggy/",
+    f"{os.sep}pytest_lonely{os.sep}",
+    "<frozen runpy>",
+    "/pytest/__main__.py",
+)
 
 
 def trim_traceback(text: str) -> str:
@@ -534,5 +605,3 @@ def _merge_coverage(payload: tuple[str, dict[str, list[Any]]]) -> None:
         data.add_arcs({f: [tuple(a) for a in arcs] for f, arcs in measured.items()})
     else:
         data.add_lines(measured)
-
-

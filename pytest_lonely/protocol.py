@@ -50,7 +50,7 @@ def plain(value: object) -> Any:
     return repr(value)
 
 
-def encode(kind: str, payload: object) -> bytes:
+def encode(kind: str, payload: Any) -> bytes:
     try:
         body = marshal.dumps((kind, payload))
     except ValueError:
