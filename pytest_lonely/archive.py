@@ -15,6 +15,7 @@ inside the container.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import lzma
 import os
@@ -177,47 +178,49 @@ def _vet(tarball: Path, members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]
     """
     symlinks: dict[str, str] = {}  # resolved archive path -> link target, as extraction will have left them
     selected: list[tarfile.TarInfo] = []
-    for member in members:
-        name = member.name
+    for entry in members:
+        member, name = entry, entry.name
         try:
             _check_lexically(name)
-            if _is_skipped(member):
-                continue
+        except _Unsafe as exc:
+            raise ArchiveError(f"rootfs tarball '{tarball}' member '{name}' {exc}; refused") from None
+        if _is_skipped(member):
+            continue
+        if member.islnk():
+            copied = _vet_hard_link(tarball, name, member.linkname, symlinks)
+            if copied is not None:
+                # link(2) on a symlink makes another symlink with the same text.  Creating that symlink directly
+                # keeps the result without trusting every os.link to leave an absolute target unfollowed.
+                member = copy.copy(entry)
+                member.type = tarfile.SYMTYPE
+                member.linkname = copied
+        try:
             # tarfile replaces an existing entry with a new symlink, but opens, mkdirs, chmods or (as a hard-link
             # fallback) copies *through* an existing symlink for everything else.
             where = _resolve(name, symlinks, follow_final=not member.issym())
         except _Unsafe as exc:
             raise ArchiveError(f"rootfs tarball '{tarball}' member '{name}' {exc}; refused") from None
-        if member.islnk():
-            link_target = _vet_hard_link(tarball, name, member.linkname, symlinks)
-            if link_target is not None:
-                # A hard link to a symlink is another symlink (link(2) does not follow the last component).
-                symlinks[_resolve(name, symlinks, follow_final=False)] = link_target
-        elif member.issym():
+        if member.issym():
             symlinks[where] = member.linkname
-        if not member.isdir():
+        elif not member.isdir():
             member.mode &= ~_DROPPED_BITS
         selected.append(member)
     return selected
 
 
 def _vet_hard_link(tarball: Path, name: str, linkname: str, symlinks: Mapping[str, str]) -> str | None:
-    """Check a hard link's target and return the symlink target it copies, if the target is a symlink.
+    """Refuse a hard link to anything outside, which would let the container write to a host file.
 
-    A hard link to a file outside the cache would let the container write to a host file.  A hard link to a
-    symlink that points outside is refused too, in case ``os.link`` follows the last component on some platform.
+    Returns the target's symlink text if the target is a symlink the archive created, else None.
     """
     try:
         _check_lexically(linkname)
         target = _resolve(linkname, symlinks, follow_final=False)
-        link_target = symlinks.get(target)
-        if link_target is not None:
-            _resolve(linkname, symlinks, follow_final=True)
     except _Unsafe as exc:
         raise ArchiveError(
             f"rootfs tarball '{tarball}' member '{name}' is a hard link to '{linkname}', which {exc}; refused"
         ) from None
-    return link_target
+    return symlinks.get(target)
 
 
 def _check_lexically(path: str) -> None:

@@ -349,7 +349,7 @@ class _Run:
         try:
             root = None if spec.rootfs is None else self.state.rootfs_dir(spec.rootfs)
         except archive.ArchiveError as exc:
-            problem = str(exc)
+            problem = f"rootfs={str(spec.rootfs)!r} from {spec.origin('rootfs')}: {exc}"
         if problem is not None:
             return self.abort(problem)
         ops = self.state.plan(root, spec.network)
@@ -577,10 +577,19 @@ def _setup_in_parent(item: pytest.Item) -> None:
     request = getattr(item, "_request", None)
     if fixtureinfo is None or not request:
         return
-    for name in item.fixturenames:  # type: ignore[attr-defined]
-        defs = fixtureinfo.name2fixturedefs.get(name)
-        if defs and defs[-1].scope != "function":
-            request.getfixturevalue(name)
+    # The item must look active while its broader fixtures are requested (pytest
+    # treats a request for an inactive node as a teardown-time lookup), but it must
+    # not stay on the stack: the child's own setup pushes it and fills the rest.
+    state.stack[item] = ([], None)
+    try:
+        for name in item.fixturenames:  # type: ignore[attr-defined]
+            defs = fixtureinfo.name2fixturedefs.get(name)
+            if defs and defs[-1].scope != "function":
+                request.getfixturevalue(name)
+    finally:
+        finalizers, _ = state.stack.pop(item)
+        for finalizer in reversed(finalizers):  # nothing broader registers here; be safe if something did
+            finalizer()
 
 
 def _evaluate_xfail(item: pytest.Item) -> None:

@@ -152,6 +152,11 @@ class Spec:
     rootfs: Path | None = None
     timeout: float = 0.0
     network: bool = True
+    #: Where each non-default value came from, for errors found later (a corrupt tarball).
+    origins: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def origin(self, name: str) -> str:
+        return self.origins.get(name, "the default")
 
     def with_marker(self, args: tuple[object, ...], kwargs: Mapping[str, object], where: str, rootdir: Path) -> Spec:
         """Apply one ``isolated`` marker on top of these settings."""
@@ -163,15 +168,17 @@ class Spec:
         unknown = sorted(set(kwargs) - set(FIELD_NAMES))
         if unknown:
             raise SpecError(
-                f"@pytest.mark.isolated({unknown[0]}=...) on {where}: unknown keyword {unknown[0]!r}; "
+                f"@pytest.mark.isolated({unknown[0]}={kwargs[unknown[0]]!r}) on {where}: unknown keyword {unknown[0]!r}; "
                 f"allowed are: {', '.join(FIELD_NAMES)}"
             )
         changes: dict[str, Any] = {}
+        origins = dict(self.origins)
         for field in FIELDS:
             if field.name in kwargs:
                 source = Source("marker", f"@pytest.mark.isolated({field.name}=...) on {where}", rootdir)
                 changes[field.name] = _apply(field, kwargs[field.name], source)
-        return dataclasses.replace(self, **changes) if changes else self
+                origins[field.name] = source.describe()
+        return dataclasses.replace(self, **changes, origins=origins) if changes else self
 
 
 def _apply(field: Field, value: object, source: Source) -> Any:
@@ -194,11 +201,16 @@ def defaults_from(
     option or ini key, which the plugin turns into a usage error.
     """
     changes: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     for field in FIELDS:
         cli = cli_values.get(field.name)
         ini = ini_values.get(field.name)
+        source = None
         if cli is not None and cli != "" and field.cli:
-            changes[field.name] = _apply(field, cli, Source("command line", field.cli, rootdir))
+            source, value = Source("command line", field.cli, rootdir), cli
         elif ini is not None and ini != "" and field.ini:
-            changes[field.name] = _apply(field, ini, Source("ini", field.ini, inidir))
-    return dataclasses.replace(Spec(), **changes)
+            source, value = Source("ini", field.ini, inidir), ini
+        if source is not None:
+            changes[field.name] = _apply(field, value, source)
+            origins[field.name] = source.describe()
+    return Spec(**changes, origins=origins)
