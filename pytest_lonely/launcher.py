@@ -16,6 +16,7 @@ import select
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -138,7 +139,12 @@ class Launcher:
                 # One fork instead of two: our next child becomes PID 1 of a new namespace.
                 sc.unshare(sc.CLONE_NEWPID)
             try:
-                pid = os.fork()
+                with warnings.catch_warnings():
+                    # Python 3.12+ warns when forking a process with threads (pytest-rerunfailures
+                    # runs one next to xdist). The child only ever continues on this thread, builds
+                    # its container and runs the test: it takes no lock another thread could hold.
+                    warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+                    pid = os.fork()
             finally:
                 if self._pidns_fd >= 0 and os.getpid() != 1:
                     sc.setns(self._pidns_fd, sc.CLONE_NEWPID)

@@ -167,8 +167,9 @@ class Spec:
             )
         unknown = sorted(set(kwargs) - set(FIELD_NAMES))
         if unknown:
+            name = unknown[0]
             raise SpecError(
-                f"@pytest.mark.isolated({unknown[0]}={kwargs[unknown[0]]!r}) on {where}: unknown keyword {unknown[0]!r}; "
+                f"@pytest.mark.isolated({name}={kwargs[name]!r}) on {where}: unknown keyword {name!r}; "
                 f"allowed are: {', '.join(FIELD_NAMES)}"
             )
         changes: dict[str, Any] = {}
