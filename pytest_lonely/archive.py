@@ -42,7 +42,17 @@ _HAS_FILTERS: Final = hasattr(tarfile, "tar_filter")
 # A setuid-root binary from an untrusted tarball, unpacked by root, would be a host privilege escalation.
 _DROPPED_BITS: Final = stat.S_ISUID | stat.S_ISGID
 # Everything tarfile and the decompressors raise for damaged input, so callers never see a raw traceback.
-_TAR_ERRORS: Final = (tarfile.TarError, OSError, EOFError, ValueError, OverflowError, zlib.error, lzma.LZMAError)
+# (KeyError: tarfile's hard-link fallback not finding its target.)
+_TAR_ERRORS: Final = (
+    tarfile.TarError,
+    OSError,
+    EOFError,
+    ValueError,
+    OverflowError,
+    KeyError,
+    zlib.error,
+    lzma.LZMAError,
+)
 
 # (resolved path, st_dev, st_ino, st_size, st_mtime_ns) -> sha256 hex.  Hashing a large rootfs costs far more than
 # a stat, and the parent asks once per test; a rewritten file changes size or mtime and so gets hashed again.
@@ -137,6 +147,9 @@ def _extract(tarball: Path, dest: Path) -> None:
             members = tar.getmembers()
             _require_complete(tar, members)
             selected = _vet(tarball, members)
+            # tarfile's link fallbacks look targets up in this very list; leave only what was vetted, so no
+            # fallback can ever extract a device node or an unvetted member.
+            members[:] = selected
             problem = "cannot be unpacked"
             if _HAS_FILTERS:
                 tar.extractall(dest, selected, numeric_owner=True, filter=_rootfs_filter)
@@ -172,11 +185,13 @@ def _vet(tarball: Path, members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]
     """Refuse the whole archive before writing anything if any member could land outside the destination.
 
     Lexical checks are not enough: an earlier member can be a symlink (``bin -> /etc``) that a later member
-    (``bin/passwd``) is written through.  So this replays the archive against a model of the symlinks it creates,
-    resolving each path the way the kernel will during extraction.  It does not depend on tarfile's filters,
+    (``bin/passwd``) is written through.  So this replays the archive against a model of what extraction will
+    have created so far, resolving each path the way the kernel will.  It does not depend on tarfile's filters,
     which older 3.10/3.11 releases lack.
     """
-    symlinks: dict[str, str] = {}  # resolved archive path -> link target, as extraction will have left them
+    symlinks: dict[str, str] = {}  # resolved path -> link text
+    created: set[str] = set()  # resolved paths of everything else that will exist
+    skipped: set[str] = set()  # device nodes and fifos, which are never created
     selected: list[tarfile.TarInfo] = []
     for entry in members:
         member, name = entry, entry.name
@@ -184,43 +199,57 @@ def _vet(tarball: Path, members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]
             _check_lexically(name)
         except _Unsafe as exc:
             raise ArchiveError(f"rootfs tarball '{tarball}' member '{name}' {exc}; refused") from None
-        if _is_skipped(member):
-            continue
         if member.islnk():
-            copied = _vet_hard_link(tarball, name, member.linkname, symlinks)
-            if copied is not None:
+            target = _vet_hard_link(tarball, name, member.linkname, symlinks)
+            if target in symlinks:
                 # link(2) on a symlink makes another symlink with the same text.  Creating that symlink directly
                 # keeps the result without trusting every os.link to leave an absolute target unfollowed.
                 member = copy.copy(entry)
                 member.type = tarfile.SYMTYPE
-                member.linkname = copied
+                member.linkname = symlinks[target]
+            elif target not in created:
+                if target not in skipped:
+                    raise ArchiveError(
+                        f"rootfs tarball '{tarball}' member '{name}' is a hard link to '{entry.linkname}', "
+                        "which is not an earlier member of the archive"
+                    )
+                # A hard link to a device node would make tarfile create the device after all.
+                member = copy.copy(entry)
+                member.type = tarfile.CHRTYPE
         try:
             # tarfile replaces an existing entry with a new symlink, but opens, mkdirs, chmods or (as a hard-link
             # fallback) copies *through* an existing symlink for everything else.
-            where = _resolve(name, symlinks, follow_final=not member.issym())
+            where = _resolve(name, symlinks, follow_final=not (member.issym() or _is_skipped(member)))
         except _Unsafe as exc:
+            if _is_skipped(member):
+                continue
             raise ArchiveError(f"rootfs tarball '{tarball}' member '{name}' {exc}; refused") from None
+        if _is_skipped(member):
+            skipped.add(where)
+            continue
         if member.issym():
             symlinks[where] = member.linkname
-        elif not member.isdir():
-            member.mode &= ~_DROPPED_BITS
+            created.discard(where)
+        else:
+            created.add(where)
+            if not member.isdir():
+                member.mode &= ~_DROPPED_BITS
         selected.append(member)
     return selected
 
 
-def _vet_hard_link(tarball: Path, name: str, linkname: str, symlinks: Mapping[str, str]) -> str | None:
+def _vet_hard_link(tarball: Path, name: str, linkname: str, symlinks: Mapping[str, str]) -> str:
     """Refuse a hard link to anything outside, which would let the container write to a host file.
 
-    Returns the target's symlink text if the target is a symlink the archive created, else None.
+    Returns the resolved path of the link's target.
     """
     try:
         _check_lexically(linkname)
-        target = _resolve(linkname, symlinks, follow_final=False)
+        return _resolve(linkname, symlinks, follow_final=False)
     except _Unsafe as exc:
         raise ArchiveError(
             f"rootfs tarball '{tarball}' member '{name}' is a hard link to '{linkname}', which {exc}; refused"
         ) from None
-    return symlinks.get(target)
 
 
 def _check_lexically(path: str) -> None:
