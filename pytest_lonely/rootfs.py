@@ -331,9 +331,14 @@ def _mkdirs(path: str) -> None:
 def _bind_ro(source: str, target: str) -> None:
     sc.mount(source, target, None, sc.MS_BIND | sc.MS_REC)
     try:
-        sc.mount_setattr_rdonly(target)
+        try:
+            sc.mount_setattr_rdonly(target)  # the whole tree, submounts included (Linux >= 5.12)
+        except OSError:
+            sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.mount_flags_of(target))
     except OSError:
-        sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.mount_flags_of(target))
+        # Never leave a writable window onto the host behind: drop the bind, then report.
+        sc.umount2(target, sc.MNT_DETACH)
+        raise
 
 
 def _do(op: Op) -> None:
