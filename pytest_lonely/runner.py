@@ -83,8 +83,8 @@ class IsolatedRun:
 
     def fail(self, when: Phase, message: str, skip: bool = False) -> pytest.TestReport:
         def raise_() -> None:
-            if skip:
-                pytest.skip(message)
+            if skip:  # reported at the test's own location, not at this line
+                raise pytest.skip.Exception(message, _use_item_location=True)
             pytest.fail(message, pytrace=False)
 
         return self.make_report(CallInfo.from_call(raise_, when=when))
@@ -240,7 +240,8 @@ class IsolatedRun:
         if outcome.kind in ("error", "aborted"):
             message = str(outcome.payload)
         elif outcome.kind == "timeout":
-            message = f"Timeout: the test timed out after {spec.timeout:g} seconds; its whole container was killed"
+            unit = "second" if spec.timeout == 1 else "seconds"
+            message = f"Timeout: the test timed out after {spec.timeout:g} {unit}; its whole container was killed"
         else:
             message = describe_status(outcome.exitstatus)
             if outcome.payload:
