@@ -51,6 +51,7 @@ SYMLINK: Final = "symlink"  # (SYMLINK, target, path)
 MOUNT: Final = "mount"  # (MOUNT, source, target, fstype, flags, data)
 COW: Final = "cow"  # (COW, lower, target, n, rootless): overlay, falling back to a read-only bind
 BIND_RO: Final = "bind_ro"  # (BIND_RO, source, target): recursive bind, read-only where the kernel lets us
+NOTE: Final = "note"  # (NOTE, text): something the plan already knows cannot be shown
 OPTIONAL: Final = "optional"  # (OPTIONAL, host_path, (op, ...)): skipped with a note if any of it fails
 
 Op = tuple[object, ...]
@@ -223,7 +224,31 @@ def plan(layout: HostLayout, key: PlanKey) -> tuple[Op, ...]:
                     )
                     ops.append((OPTIONAL, path, (layer,)))
     else:
-        cow(key.rootfs, NEW)
+        # Mount points are made in the root's upper layer before the overlay goes up: through
+        # the overlay, a user namespace's root may not write into directories that belong to
+        # someone else on the host (they show up as the overflow uid).
+        n = next(counter)
+        upper = f"/.u{n}"
+        prepared: list[Op] = []
+        later: list[Op] = [(COW, OLD + key.rootfs, NEW, n, key.rootless)]
+
+        def mount_point(path: str, is_dir: bool) -> bool:
+            parts = path.strip("/").split("/")
+            source = key.rootfs or "/"
+            for index, part in enumerate(parts):
+                source = os.path.join(source, part)
+                if os.path.islink(source):
+                    later.append((NOTE, f"{path} is not available inside the container: {source} is a symlink"))
+                    return False
+                if os.path.exists(source) and not os.path.isdir(source) and (index < len(parts) - 1 or is_dir):
+                    later.append((NOTE, f"{path} is not available inside the container: {source} is not a directory"))
+                    return False
+            if is_dir:
+                prepared.append((MKDIRS, upper + path))
+            else:
+                prepared.extend([(MKDIRS, upper + os.path.dirname(path)), (TOUCH, upper + path)])
+            return True
+
         if not os.path.isdir(os.path.join(key.rootfs, "usr")):
             # A skeleton: borrow the host's system directories, read-only.
             for name, kind, target in layout.top:
@@ -231,19 +256,16 @@ def plan(layout: HostLayout, key: PlanKey) -> tuple[Op, ...]:
                     continue
                 covered.append("/" + name)
                 if kind == "symlink":
-                    ops.append((SYMLINK, target, NEW + "/" + name))
-                elif kind == "dir":
-                    ops.append(
-                        (
-                            OPTIONAL,
-                            "/" + name,
-                            ((MKDIRS, NEW + "/" + name), (BIND_RO, OLD + "/" + name, NEW + "/" + name)),
-                        )
-                    )
+                    later.append((SYMLINK, target, NEW + "/" + name))
+                elif kind == "dir" and mount_point("/" + name, True):
+                    later.append((OPTIONAL, "/" + name, ((BIND_RO, OLD + "/" + name, NEW + "/" + name),)))
         for path, want_cow in layout.needed:
             if _under(path, "/tmp") or any(_under(path, c) for c in covered):
                 continue
-            _expose(ops, path, want_cow, key.rootless, counter)
+            if mount_point(path, os.path.isdir(path)):
+                _expose(later, path, want_cow, key.rootless, counter)
+        ops.extend(prepared)
+        ops.extend(later)
 
     ops.append((MKDIRS, NEW + "/proc"))
     ops.append((MOUNT, "proc", NEW + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, None))
@@ -347,7 +369,8 @@ def _do(op: Op) -> None:
         sc.mount(op[1], op[2], op[3], op[4], op[5])  # type: ignore[arg-type]
     elif code == COW:
         lower, target, n, rootless = op[1], op[2], op[3], op[4]
-        os.mkdir(f"/.u{n}", 0o755)
+        if not os.path.isdir(f"/.u{n}"):  # may already hold mount points made by the plan
+            os.mkdir(f"/.u{n}", 0o755)
         os.mkdir(f"/.w{n}", 0o755)
         try:
             sc.mount("overlay", target, "overlay", 0, _overlay_data(lower, n, rootless))  # type: ignore[arg-type]
@@ -379,6 +402,9 @@ def apply(ops: tuple[Op, ...]) -> list[str]:
     """
     notes: list[str] = []
     for op in ops:
+        if op[0] == NOTE:
+            notes.append(op[1])  # type: ignore[arg-type]
+            continue
         if op[0] == OPTIONAL:
             try:
                 for inner in op[2]:  # type: ignore[attr-defined]
