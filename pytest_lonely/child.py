@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 from _pytest import runner
-from _pytest.runner import CallInfo
 
 from . import _syscalls as sc
 from . import protocol, rootfs
@@ -161,12 +160,13 @@ def _pid1(launch: Launch) -> int:
     send(protocol.HELLO, {"host_pid": host_pid})
     faulthandler.enable(file=launch.diag_fd, all_threads=True)
     if container.timeout:
-        faulthandler.dump_traceback_later(container.timeout, exit=True, file=launch.diag_fd)
+        # Only a traceback: the parent kills the whole container with SIGKILL just after.
+        faulthandler.dump_traceback_later(container.timeout, exit=False, file=launch.diag_fd)
     with warnings.catch_warnings(record=True) as recorded:
         for note in notes:
             warnings.warn(LonelyWarning(note), stacklevel=1)
         try:
-            _run_phases(launch.item, container, send, recorded)
+            _run_phases(launch.item, send, recorded)
         except pytest.exit.Exception as exc:
             send(protocol.EXIT, (exc.msg, exc.returncode))
             return 0
@@ -198,7 +198,17 @@ def _sender(fd: int) -> Any:
     return send
 
 
-def _run_phases(item: pytest.Item, container: Container, send: Any, recorded: list[warnings.WarningMessage]) -> None:
+def setup_container_hook(item: pytest.Item) -> None:
+    """Call ``pytest_lonely_setup_container`` as the first part of the test's setup phase.
+
+    Inside the setup phase, an exception there is an ordinary setup error,
+    and every plugin's setup and teardown stay paired.
+    """
+    if _current is not None:
+        item.config.hook.pytest_lonely_setup_container(container=_current, item=item)
+
+
+def _run_phases(item: pytest.Item, send: Any, recorded: list[warnings.WarningMessage]) -> None:
     """Run pytest's own ``runtestprotocol``, streaming each phase's report as it is made.
 
     Only this process is patched, and it is about to exit: ``call_and_report``
@@ -226,15 +236,6 @@ def _run_phases(item: pytest.Item, container: Container, send: Any, recorded: li
     parent_node = item.parent
     state.teardown_exact = lambda nextitem: teardown_exact(parent_node)  # type: ignore[method-assign,arg-type]
 
-    hook_call = CallInfo.from_call(
-        lambda: config.hook.pytest_lonely_setup_container(container=container, item=item),
-        when="setup",
-        reraise=(pytest.exit.Exception, KeyboardInterrupt),
-    )
-    if hook_call.excinfo is not None:
-        send_report(item.ihook.pytest_runtest_makereport(item=item, call=hook_call))
-        call_and_report(item, "teardown", nextitem=None)
-        return
     runner.runtestprotocol(item, log=False, nextitem=None)
 
 

@@ -23,8 +23,8 @@ from typing import Any, Final
 from . import _syscalls as sc
 from . import child, protocol
 
-#: Seconds past a timeout before the parent kills a container whose watchdog did not fire.
-TIMEOUT_GRACE: Final = 1.0
+#: Seconds between the child's traceback dump at the timeout and the parent's SIGKILL.
+TIMEOUT_GRACE: Final = 0.5
 _F_SETPIPE_SZ: Final = 1031
 _PIPE_SIZE: Final = 1 << 20
 

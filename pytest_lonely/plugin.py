@@ -135,6 +135,11 @@ def is_isolated(item: pytest.Item) -> bool:
     )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    child.setup_container_hook(item)  # a no-op outside a container
+
+
 @pytest.fixture
 def container() -> Container:
     """The container this test runs in; requesting it isolates the test."""
