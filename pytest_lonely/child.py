@@ -70,9 +70,9 @@ def main(launch: Launch) -> NoReturn:
         if launch.container.rootless:
             status = _rootless_middle(launch)
         else:
-            _guard_parent(launch.parent_pid)
+            host_pid = _guard_parent(launch.parent_pid)
             sc.unshare(launch.flags)
-            status = _pid1(launch)
+            status = _pid1(launch, host_pid)
     except BaseException as exc:  # the parent must always learn why
         _send_error(launch, exc)
     finally:
@@ -98,11 +98,14 @@ def _stat_pids() -> tuple[int, int]:
     return int(data.split(b" ", 1)[0]), int(fields[1])
 
 
-def _guard_parent(expected_ppid: int) -> None:
+def _guard_parent(expected_ppid: int) -> int:
+    """Die with the parent; returns our PID as the host sees it."""
     # PDEATHSIG is armed only from here on: if the parent died before, we would never be told.
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if _stat_pids()[1] != expected_ppid:
+    pid, ppid = _stat_pids()
+    if ppid != expected_ppid:
         os._exit(EXIT_SETUP_FAILED)
+    return pid
 
 
 def _rootless_middle(launch: Launch) -> int:
@@ -117,8 +120,10 @@ def _rootless_middle(launch: Launch) -> int:
     if pid == 0:
         status = EXIT_INTERNAL
         try:
-            _guard_parent(middle)
-            status = _pid1(launch)
+            host_pid = _guard_parent(middle)
+            # The parent kills the middle process on a timeout; it needs PID 1's host PID too.
+            protocol.write_all(launch.write_fd, protocol.encode(protocol.HELLO, {"host_pid": host_pid}))
+            status = _pid1(launch, host_pid)
         except BaseException as exc:
             _send_error(launch, exc)
         finally:
@@ -141,10 +146,9 @@ def _write(path: str, text: str) -> None:
         os.close(fd)
 
 
-def _pid1(launch: Launch) -> int:
+def _pid1(launch: Launch, host_pid: int) -> int:
     """We are PID 1 of the new PID namespace: build the root, then run the test."""
     global _current
-    host_pid, _ = _stat_pids()
     rootfs.enter_scratch()
     notes = rootfs.apply(launch.ops)
     rootfs.switch_root(launch.cwd)
@@ -157,7 +161,6 @@ def _pid1(launch: Launch) -> int:
     _forget_uname()
     _current = container
     send = _sender(launch.write_fd)
-    send(protocol.HELLO, {"host_pid": host_pid})
     faulthandler.enable(file=launch.diag_fd, all_threads=True)
     if container.timeout:
         # Only a traceback: the parent kills the whole container with SIGKILL just after.
