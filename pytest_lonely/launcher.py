@@ -133,7 +133,11 @@ class Launcher:
         return outcome
 
     def _fork(self, launch: child.Launch, read_fd: int) -> int:
-        gc.freeze()  # old objects stay out of the child's GC, so it does not write-fault on them
+        # Frozen objects stay out of the child's GC, which would otherwise write-fault on every
+        # page of the heap.  gc.unfreeze() thaws everything, so leave a user's own freeze alone.
+        freeze = gc.get_freeze_count() == 0
+        if freeze:
+            gc.freeze()
         try:
             if self._pidns_fd >= 0:
                 # One fork instead of two: our next child becomes PID 1 of a new namespace.
@@ -152,7 +156,8 @@ class Launcher:
                 os.close(read_fd)
                 child.main(launch)
         finally:
-            gc.unfreeze()
+            if freeze:
+                gc.unfreeze()
         return pid
 
     def _read(self, fd: int, outcome: Outcome, on_frame: Callable[[str, Any], None], deadline: float | None) -> None:
