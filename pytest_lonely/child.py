@@ -76,7 +76,17 @@ def main(launch: Launch) -> NoReturn:
     except BaseException as exc:  # the parent must always learn why
         _send_error(launch, exc)
     finally:
+        _flush_stdio()
         os._exit(status)
+
+
+def _flush_stdio() -> None:
+    """With ``-s`` the test writes to the real, block-buffered stdout; ``os._exit`` would drop it."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
 
 
 def _send_error(launch: Launch, exc: BaseException) -> None:
@@ -181,6 +191,7 @@ def _pid1(launch: Launch, host_pid: int) -> int:
     faulthandler.cancel_dump_traceback_later()
     if launch.coverage:
         send_coverage(send)
+    _flush_stdio()  # before "done", so the test's output comes before the parent's next line
     send(protocol.DONE, None)
     return 0
 

@@ -15,6 +15,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -199,10 +200,34 @@ def test_probe_rootless_as_root() -> None:
 @linux
 @root
 def test_probe_as_unprivileged_user() -> None:
+    """A real unprivileged user: Debian's python3 (readable by anyone) and a world-readable copy of the package.
+
+    The test's own interpreter may live under a private home directory (pyenv, tox), which uid 65534 cannot run.
+    """
     if not shutil.which("setpriv"):
         pytest.skip("setpriv not installed")
-    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", _PRINT_PROBE]
-    assert _run(cmd) == "True True \n"
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("/usr/bin/python3 is missing")
+    base = tempfile.mkdtemp(prefix="lonely-probe-")
+    try:
+        os.chmod(base, 0o755)
+        package = os.path.join(base, "pytest_lonely")
+        os.mkdir(package)
+        open(os.path.join(package, "__init__.py"), "w").close()  # the probe needs only itself and _syscalls
+        for name in ("probe.py", "_syscalls.py"):
+            shutil.copy(ROOT / "pytest_lonely" / name, package)
+        for dirpath, _, files in os.walk(base):
+            os.chmod(dirpath, 0o755)
+            for name in files:
+                os.chmod(os.path.join(dirpath, name), 0o644)
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", _PRINT_PROBE]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={"PYTHONPATH": base}, timeout=60, check=False, cwd="/"
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == "True True \n"
+    finally:
+        shutil.rmtree(base)
 
 
 @linux
