@@ -14,8 +14,13 @@ Why a ``gc.freeze()`` variant: CPython's cyclic GC writes to every object it
 traverses, so a collection in the child would copy the whole heap.
 pytest-lonely already freezes around its fork; the variant where the conftest
 freezes right after allocating shows whether doing it yourself changes
-anything (and the "frozen at end" column shows whether the user's freeze
-survives the plugin's own freeze/unfreeze).
+anything (and the "frozen at end" column shows that the user's freeze
+survives: the plugin leaves an existing freeze alone).
+
+Why an mmap variant: the mitigation.  Fork copies the page tables of
+anonymous memory (the Python heap), but not those of file mappings, which the
+child simply faults in again.  The same gigabyte as a read-only mapped file
+(``numpy.load(..., mmap_mode="r")``, ``mmap``) costs nothing at fork.
 
 Why time inside the process: allocating 1 GB takes seconds and varies from
 run to run, far more than the thing measured, so the conftest times the run
@@ -79,10 +84,25 @@ def _allocate(mb):
     return keep
 
 
-BALLAST = _allocate(int(os.environ["BENCH_ALLOC_MB"]))
-if os.environ.get("BENCH_FREEZE") == "1":
+def _map(mb):
+    """The same size as a read-only memory-mapped file: page tables of file mappings are not copied at fork."""
+    import mmap
+    import tempfile
+
+    if not mb:
+        return []
+    with tempfile.TemporaryFile() as f:
+        f.truncate(mb << 20)
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    sum(mapped[i] for i in range(0, mb << 20, 4096))  # fault every page in
+    return [mapped]
+
+
+KIND = os.environ["BENCH_KIND"]
+BALLAST = _map(int(os.environ["BENCH_ALLOC_MB"])) if KIND == "mmap" else _allocate(int(os.environ["BENCH_ALLOC_MB"]))
+if KIND == "frozen":
     gc.freeze()
-_STATS = {"rss_kb": _rss_kb(), "objects": sum(len(chunk) for chunk in BALLAST), "frozen_start": gc.get_freeze_count()}
+_STATS = {"rss_kb": _rss_kb(), "frozen_start": gc.get_freeze_count()}
 
 
 def _bare_fork_ms(times=5):
@@ -135,10 +155,14 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_once(project: Path, mode: str, *, size_mb: int, freeze: bool, tests: int, out: Path) -> dict[str, Any]:
+#: How the parent's memory is filled: live Python objects, the same frozen by the conftest, or a mapped file.
+KINDS: Final = {"objects": "live objects", "frozen": "live objects, gc.freeze()", "mmap": "read-only mmap of a file"}
+
+
+def run_once(project: Path, mode: str, *, size_mb: int, kind: str, tests: int, out: Path) -> dict[str, Any]:
     """One pytest process; returns the conftest's measurements plus a ``problem`` if not every test passed."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *MODES[mode], "test_scale.py"]
-    env = clean_env(BENCH_ALLOC_MB=str(size_mb), BENCH_FREEZE="1" if freeze else "0", BENCH_OUT=str(out))
+    env = clean_env(BENCH_ALLOC_MB=str(size_mb), BENCH_KIND=kind, BENCH_OUT=str(out))
     out.unlink(missing_ok=True)
     done = subprocess.run(
         command, cwd=project, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
@@ -164,7 +188,7 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse options, run every (size, freeze, mode) once per round in shuffled order, print the table."""
+    """Parse options, run every (size, kind, mode) once per round in shuffled order, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--tests", type=int, default=100, help="trivial tests per run (default: 100)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
@@ -181,8 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--tests and --rounds must be at least 1, --sizes non-negative")
 
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    configs = [(size, freeze, mode) for size in sizes for freeze in (False, True) for mode in MODES]
-    runs: dict[tuple[int, bool, str], list[dict[str, Any]]] = {config: [] for config in configs}
+    configs = [(size, kind, mode) for size in sizes for kind in KINDS for mode in MODES if size or kind == "objects"]
+    runs: dict[tuple[int, str, str], list[dict[str, Any]]] = {config: [] for config in configs}
     rng = random.Random()
     with tempfile.TemporaryDirectory(prefix="lonely-scaling-") as tmp:
         project = Path(tmp) / "project"
@@ -192,15 +216,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         (project / "test_scale.py").write_text(TEST_FILE.replace("{n}", str(args.tests)))
         out = Path(tmp) / "stats.json"
         for mode in MODES:  # warm-up: byte-code caches, page cache
-            run_once(project, mode, size_mb=0, freeze=False, tests=args.tests, out=out)
+            run_once(project, mode, size_mb=0, kind="objects", tests=args.tests, out=out)
         for round_no in range(args.rounds):
             order = configs[:]
             rng.shuffle(order)
             print(f"round {round_no + 1}/{args.rounds}", file=sys.stderr, flush=True)
-            for size, freeze, mode in order:
-                result = run_once(project, mode, size_mb=size, freeze=freeze, tests=args.tests, out=out)
+            for size, kind, mode in order:
+                result = run_once(project, mode, size_mb=size, kind=kind, tests=args.tests, out=out)
                 result["round"] = round_no
-                runs[size, freeze, mode].append(result)
+                runs[size, kind, mode].append(result)
 
     try:
         import importlib.metadata
@@ -221,14 +245,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print()
     print(
-        "| ballast MB | conftest gc.freeze() | parent RSS MB | ms/test isolated | ms/test in-process | overhead ms "
+        "| ballast MB | ballast kind | parent RSS MB | ms/test isolated | ms/test in-process | overhead ms "
         "| bare fork+exit ms "
         "| gen-2 GCs in loop (iso / in-proc) | frozen objects at end (iso / in-proc) | notes |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for size in sizes:
-        for freeze in (False, True):
-            iso, inp = runs[size, freeze, "isolated"], runs[size, freeze, "inprocess"]
+        for kind, label in KINDS.items():
+            if (size, kind, "isolated") not in runs:
+                continue
+            iso, inp = runs[size, kind, "isolated"], runs[size, kind, "inprocess"]
             rss = median_of(iso + inp, "rss_kb")
             iso_ms = median_of(iso, "loop_s")
             inp_ms = median_of(inp, "loop_s")
@@ -246,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             gcs = f"{fmt(median_of(iso, 'gen2_collections'), '.0f')} / {fmt(median_of(inp, 'gen2_collections'), '.0f')}"
             frozen = f"{fmt(median_of(iso, 'frozen_end'), ',.0f')} / {fmt(median_of(inp, 'frozen_end'), ',.0f')}"
             print(
-                f"| {size} | {'yes' if freeze else 'no'} | {fmt(None if rss is None else rss / 1024, '.0f')} "
+                f"| {size} | {label} | {fmt(None if rss is None else rss / 1024, '.0f')} "
                 f"| {fmt(iso_ms, '.3f')} | {fmt(inp_ms, '.3f')} | {fmt(overhead, '+.3f')} "
                 f"| {fmt(median_of(iso + inp, 'bare_fork_ms'), '.1f')} | {gcs} | {frozen} "
                 f"| {'; '.join(problems)[:300]} |"
@@ -258,8 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tests": args.tests,
             "rounds": args.rounds,
             "runs": [
-                {"ballast_mb": size, "freeze": freeze, "mode": mode, **run}
-                for (size, freeze, mode), rs in runs.items()
+                {"ballast_mb": size, "kind": kind, "mode": mode, **run}
+                for (size, kind, mode), rs in runs.items()
                 for run in rs
             ],
         }
