@@ -18,6 +18,7 @@ import socket
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
@@ -54,6 +55,9 @@ class Launch:
     cwd: str
     coverage: bool
 
+
+#: Writes one frame to the parent.
+Send = Callable[[str, Any], None]
 
 _current: Container | None = None
 
@@ -137,6 +141,7 @@ def _rootless_middle(launch: Launch) -> int:
         except BaseException as exc:
             _send_error(launch, exc)
         finally:
+            _flush_stdio()
             os._exit(status)
     os.close(launch.write_fd)
     _, wait_status = os.waitpid(pid, 0)
@@ -205,8 +210,8 @@ def _forget_uname() -> None:
         platform._uname_cache = None
 
 
-def _sender(fd: int) -> Any:
-    def send(kind: str, payload: object) -> None:
+def _sender(fd: int) -> Send:
+    def send(kind: str, payload: Any) -> None:
         protocol.write_all(fd, protocol.encode(kind, payload))
 
     return send
@@ -222,7 +227,7 @@ def setup_container_hook(item: pytest.Item) -> None:
         item.config.hook.pytest_lonely_setup_container(container=_current, item=item)
 
 
-def _run_phases(item: pytest.Item, send: Any, recorded: list[warnings.WarningMessage]) -> None:
+def _run_phases(item: pytest.Item, send: Send, recorded: list[warnings.WarningMessage]) -> None:
     """Run pytest's own ``runtestprotocol``, streaming each phase's report as it is made.
 
     Only this process is patched, and it is about to exit: ``call_and_report``
@@ -256,7 +261,8 @@ def _run_phases(item: pytest.Item, send: Any, recorded: list[warnings.WarningMes
 def _check_properties(rep: TestReport) -> None:
     """``record_property`` values must cross the pipe: anything else is sent as its repr, with a warning."""
     for index, (name, value) in enumerate(rep.user_properties):
-        if protocol.plain(value) is not value and protocol.plain(value) != value:
+        sent = protocol.plain(value)
+        if sent is not value and sent != value:
             rep.user_properties[index] = (name, repr(value))
             warnings.warn(
                 LonelyWarning(
@@ -267,7 +273,7 @@ def _check_properties(rep: TestReport) -> None:
             )
 
 
-def _flush_warnings(recorded: list[warnings.WarningMessage], send: Any) -> None:
+def _flush_warnings(recorded: list[warnings.WarningMessage], send: Send) -> None:
     for w in recorded:
         category = w.category
         send(
@@ -283,7 +289,7 @@ def _flush_warnings(recorded: list[warnings.WarningMessage], send: Any) -> None:
     recorded.clear()
 
 
-def send_coverage(send: Any) -> None:
+def send_coverage(send: Send) -> None:
     """Hand the lines measured in here to the parent's coverage, which ``os._exit`` would lose."""
     coverage = sys.modules.get("coverage")
     if coverage is None:

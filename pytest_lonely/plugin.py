@@ -13,6 +13,7 @@ import sys
 from typing import Final
 
 import pytest
+from _pytest.skipping import evaluate_skip_marks
 
 from . import child, hookspecs
 from .container import Container
@@ -108,8 +109,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(SESSION_KEY, None)
-    if state is not None and state._launcher is not None:
-        state._launcher.reap(block=True)
+    if state is not None:
+        state.reap()  # no container outlives the session
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -184,8 +185,6 @@ def _reruns(item: pytest.Item) -> int:
 def _skipped_anyway(item: pytest.Item) -> bool:
     """A test that a skip marker skips needs no container: let pytest skip it in-process."""
     try:
-        from _pytest.skipping import evaluate_skip_marks
-
         return evaluate_skip_marks(item) is not None
     except Exception:  # the child will raise the same error and report it
         return False

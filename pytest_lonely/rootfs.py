@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
 import sys
 import sysconfig
@@ -67,20 +68,12 @@ class Mount:
     fstype: str
 
 
+_OCTAL_ESCAPE: Final = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    if "\\" not in field:
-        return field
-    out = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 1 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    """mountinfo writes space, tab, newline and backslash in paths as ``\\ooo``."""
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 def read_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
@@ -109,7 +102,8 @@ def minimal_cover(paths: Iterable[tuple[str, bool]]) -> list[tuple[str, bool]]:
     for path, cow in paths:
         merged[path] = merged.get(path, False) or cow
     result: list[tuple[str, bool]] = []
-    for path in sorted(merged):
+    # Sorting by components puts "/a/b" right after "/a" (a plain string sort puts "/a-b" between).
+    for path in sorted(merged, key=lambda p: p.split("/")):
         if result and _under(path, result[-1][0]):
             outer, outer_cow = result[-1]
             result[-1] = (outer, outer_cow or merged[path])
@@ -128,7 +122,6 @@ class HostLayout:
     #: Paths the running test needs at their host location: (path, copy_on_write).
     needed: tuple[tuple[str, bool], ...]
     dev_nodes: tuple[str, ...]
-    cwd: str
 
     @classmethod
     def scan(cls, rootdir: Path, extra: Sequence[str] = ()) -> HostLayout:
@@ -147,7 +140,6 @@ class HostLayout:
             top=tuple(top),
             needed=tuple(_needed_paths(rootdir, cwd, extra)),
             dev_nodes=tuple(n for n in DEV_NODES if os.path.exists(f"/dev/{n}")),
-            cwd=cwd,
         )
 
 

@@ -64,6 +64,10 @@ class Session:
             self._unpacked[path] = unpacked
         return unpacked
 
+    def reap(self) -> None:
+        if self._launcher is not None:
+            self._launcher.reap(block=True)
+
     def close(self) -> None:
         if self._launcher is not None:
             self._launcher.close()
