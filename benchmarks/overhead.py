@@ -93,6 +93,7 @@ class Variant:
     rootless: bool = False
     unavailable: str | None = None  # why the row cannot be measured here
     expect_failures: bool = False  # measured anyway, but the tests are known not to pass
+    env: tuple[tuple[str, str], ...] = ()  # extra environment for this variant's pytest
     runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
 
@@ -103,6 +104,12 @@ def make_variants() -> dict[str, Variant]:
     variants = [
         Variant("inprocess", "in-process (`-p lonely`, nothing isolated)", ("-p", "lonely"), baseline=""),
         Variant("isolated", "isolated, default root (`--lonely-all`)", ("-p", "lonely", "--lonely-all")),
+        Variant(
+            "isolated-inline",
+            "isolated, default root, namespaces built in the child (`PYTEST_LONELY_PREBUILD=0`)",
+            ("-p", "lonely", "--lonely-all"),
+            env=(("PYTEST_LONELY_PREBUILD", "0"),),
+        ),
         Variant(
             "rootfs",
             "isolated, `--lonely-rootfs fixtures/rootfs`",
@@ -280,13 +287,14 @@ def measure(
     rng = random.Random()
     for variant in variants:  # warm-up: byte-code caches, page cache, the plugin's first probe
         python, cwd, env = contexts[variant.rootless]
-        run_once(pytest_command(variant, N0, python), cwd, env)
+        run_once(pytest_command(variant, N0, python), cwd, {**env, **dict(variant.env)})
     for round_no in range(rounds):
         order = variants[:]
         rng.shuffle(order)
         print(f"round {round_no + 1}/{rounds}: {', '.join(v.name for v in order)}", file=sys.stderr, flush=True)
         for variant in order:
             python, cwd, env = contexts[variant.rootless]
+            env = {**env, **dict(variant.env)}
             sizes = [tests, N0]
             rng.shuffle(sizes)
             for n in sizes:

@@ -54,6 +54,10 @@ class Launch:
     diag_fd: int
     cwd: str
     coverage: bool
+    #: Namespaces built ahead of time by the parent's pool: (fd, CLONE_* type) to join; empty: build here.
+    joins: tuple[tuple[int, int], ...] = ()
+    #: What the pool could not show inside (the child warns, as if it had built the root itself).
+    notes: tuple[str, ...] = ()
 
 
 #: Writes one frame to the parent.
@@ -75,7 +79,8 @@ def main(launch: Launch) -> NoReturn:
             status = _rootless_middle(launch)
         else:
             host_pid = _guard_parent(launch.parent_pid)
-            sc.unshare(launch.flags)
+            if not launch.joins:
+                sc.unshare(launch.flags)
             status = _pid1(launch, host_pid)
     except BaseException as exc:  # the parent must always learn why
         _send_error(launch, exc)
@@ -164,9 +169,18 @@ def _write(path: str, text: str) -> None:
 def _pid1(launch: Launch, host_pid: int) -> int:
     """We are PID 1 of the new PID namespace: build the root, then run the test."""
     global _current
-    rootfs.enter_scratch()
-    notes = rootfs.apply(launch.ops)
-    rootfs.switch_root(launch.cwd)
+    if launch.joins:
+        # The root is built already: joining the mount namespace puts us at its root.
+        for fd, nstype in launch.joins:
+            sc.setns(fd, nstype)
+        rootfs.mount_proc("/proc")
+        rootfs.enter_cwd(launch.cwd)
+        notes = list(launch.notes)
+    else:
+        rootfs.enter_scratch()
+        notes = rootfs.apply(launch.ops)
+        rootfs.mount_proc(rootfs.NEW + "/proc")  # before the switch: rootless, the kernel wants a visible /proc
+        rootfs.switch_root(launch.cwd)
     container = dataclasses.replace(launch.container, host_pid=host_pid)
     socket.sethostname(container.hostname)
     if "net" in container.namespaces:

@@ -94,6 +94,7 @@ class Launcher:
         on_frame: Callable[[str, Any], None],
         timeout: float,
         need_status: bool,
+        after_fork: Callable[[], None] | None = None,
     ) -> Outcome:
         """Run one container to its end, feeding report and warning frames to ``on_frame`` as they arrive."""
         self.reap()
@@ -109,6 +110,8 @@ class Launcher:
         sys.stderr.flush()
         pid = self._fork(launch, read_fd)
         os.close(write_fd)
+        if after_fork is not None:
+            after_fork()
         start = time.monotonic()
         outcome = Outcome("crashed", host_pid=0 if self.rootless else pid)
         try:

@@ -260,7 +260,7 @@ def plan(layout: HostLayout, key: PlanKey) -> tuple[Op, ...]:
         ops.extend(later)
 
     ops.append((MKDIRS, NEW + "/proc"))
-    ops.append((MOUNT, "proc", NEW + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, None))
+    # /proc itself is mounted by PID 1 (mount_proc): it must show PID 1's own namespace.
     if key.rootfs is None:
         ops.append((MKDIRS, NEW + "/sys"))
         if key.rootless and key.network:
@@ -320,6 +320,11 @@ def enter_scratch() -> None:
     os.mkdir("oldroot", 0o755)
     sc.pivot_root(".", "oldroot")
     os.chdir("/")
+
+
+def mount_proc(target: str) -> None:
+    """A fresh /proc for the calling process's PID namespace; only PID 1 of that namespace calls this."""
+    sc.mount("proc", target, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
 
 
 def _mkdirs(path: str) -> None:
@@ -416,6 +421,11 @@ def switch_root(cwd: str) -> None:
     os.chdir(NEW)
     sc.pivot_root(".", ".")
     sc.umount2(".", sc.MNT_DETACH)
+    enter_cwd(cwd)
+
+
+def enter_cwd(cwd: str) -> None:
+    """The test starts where pytest was, if that path exists inside; else at ``/``."""
     try:
         os.chdir(cwd)
     except OSError:

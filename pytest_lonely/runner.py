@@ -122,7 +122,7 @@ class IsolatedRun:
             problem = f"rootfs={str(spec.rootfs)!r} from {spec.origin('rootfs')}: {exc}"
         if problem is not None:
             return self.abort(problem)
-        ops = self.state.plan(root, spec.network)
+        key, ops = self.state.plan(root, spec.network)
 
         setup = self.in_parent("setup", lambda: _setup_in_parent(item))
         if setup.excinfo is not None:
@@ -134,7 +134,7 @@ class IsolatedRun:
 
         container = self.container(spec)
         try:
-            outcome = self.launch(container, spec, ops)
+            outcome = self.launch(container, spec, key, ops)
         except (Exception, pytest.fail.Exception) as exc:  # raised in the parent while waiting: pytest-timeout
             outcome = Outcome(
                 "aborted",
@@ -151,8 +151,18 @@ class IsolatedRun:
             exitstatus=outcome.exitstatus,
         )
 
-    def launch(self, container: Container, spec: Spec, ops: tuple[rootfs.Op, ...]) -> Outcome:
+    def launch(self, container: Container, spec: Spec, key: rootfs.PlanKey, ops: tuple[rootfs.Op, ...]) -> Outcome:
         item = self.item
+        pool = self.state.pool()
+        prepared = pool.take(key) if pool is not None else None
+
+        def after_fork() -> None:
+            # The child holds its own references now; build the next test's while this one runs.
+            if prepared is not None:
+                prepared.close()
+            if pool is not None:
+                pool.prefetch(key, ops)
+
         return self.state.launcher().run(
             lambda write_fd, diag_fd: child.Launch(
                 item=item,
@@ -166,10 +176,13 @@ class IsolatedRun:
                 diag_fd=diag_fd,
                 cwd=os.getcwd(),
                 coverage="coverage" in sys.modules,
+                joins=prepared.joins if prepared is not None else (),
+                notes=prepared.notes if prepared is not None else (),
             ),
             self.on_frame,
             spec.timeout,
             need_status=bool(self.config.hook.pytest_lonely_container_finished.get_hookimpls()),
+            after_fork=after_fork,
         )
 
     def abort(self, message: str, skip: bool = False) -> None:

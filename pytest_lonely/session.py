@@ -17,6 +17,7 @@ import pytest
 
 from . import archive, probe, rootfs
 from .launcher import Launcher
+from .pool import NamespacePool
 from .spec import Spec
 
 
@@ -31,6 +32,7 @@ class Session:
     rootless: bool = dataclasses.field(default_factory=lambda: os.geteuid() != 0)
     _availability: probe.Availability | None = None
     _launcher: Launcher | None = None
+    _pool: NamespacePool | None = None
     _layout: rootfs.HostLayout | None = None
     _plans: dict[rootfs.PlanKey, tuple[rootfs.Op, ...]] = dataclasses.field(default_factory=dict)
     _unpacked: dict[Path, Path] = dataclasses.field(default_factory=dict)
@@ -45,14 +47,22 @@ class Session:
             self._launcher = Launcher(self.rootless)
         return self._launcher
 
-    def plan(self, rootfs_dir: Path | None, network: bool) -> tuple[rootfs.Op, ...]:
+    def pool(self) -> NamespacePool | None:
+        """Namespaces built ahead of time on a thread (root mode; ``PYTEST_LONELY_PREBUILD=0`` turns it off)."""
+        if self.rootless or os.environ.get("PYTEST_LONELY_PREBUILD", "1") == "0":
+            return None
+        if self._pool is None:
+            self._pool = NamespacePool()
+        return self._pool if self._pool.broken is None else None
+
+    def plan(self, rootfs_dir: Path | None, network: bool) -> tuple[rootfs.PlanKey, tuple[rootfs.Op, ...]]:
         key = rootfs.PlanKey(None if rootfs_dir is None else str(rootfs_dir), self.rootless, network)
         ops = self._plans.get(key)
         if ops is None:
             if self._layout is None:
                 self._layout = rootfs.HostLayout.scan(self.config.rootpath)
             ops = self._plans[key] = rootfs.plan(self._layout, key)
-        return ops
+        return key, ops
 
     def rootfs_dir(self, path: Path) -> Path:
         """The directory to use as root: ``path`` itself, or where its tarball was unpacked."""
@@ -69,6 +79,9 @@ class Session:
             self._launcher.reap(block=True)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._launcher is not None:
             self._launcher.close()
             self._launcher = None
