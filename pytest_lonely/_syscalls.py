@@ -15,6 +15,7 @@ import os
 import platform
 import socket
 import struct
+import warnings
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -180,3 +181,16 @@ def interface_up(name: str) -> None:
         request = struct.pack(_IFREQ, name.encode(), 0, b"")
         flags = struct.unpack(_IFREQ, fcntl.ioctl(s, _SIOCGIFFLAGS, request))[1]
         fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack(_IFREQ, name.encode(), flags | _IFF_UP, b""))
+
+
+def fork() -> int:
+    """``os.fork()`` without Python 3.12's warning about forking a process that has threads.
+
+    pytest-rerunfailures runs a server thread whenever xdist is installed.
+    Our children only ever continue on the forking thread and take no lock
+    another thread could hold, so the warning would only be noise attributed
+    to the user's tests.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        return os.fork()

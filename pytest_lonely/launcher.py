@@ -16,7 +16,6 @@ import select
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -149,12 +148,7 @@ class Launcher:
                 # One fork instead of two: our next child becomes PID 1 of a new namespace.
                 sc.unshare(sc.CLONE_NEWPID)
             try:
-                with warnings.catch_warnings():
-                    # Python 3.12+ warns when forking a process with threads (pytest-rerunfailures
-                    # runs one next to xdist). The child only ever continues on this thread, builds
-                    # its container and runs the test: it takes no lock another thread could hold.
-                    warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
-                    pid = os.fork()
+                pid = sc.fork()
             finally:
                 if self._pidns_fd >= 0 and os.getpid() != 1:
                     sc.setns(self._pidns_fd, sc.CLONE_NEWPID)

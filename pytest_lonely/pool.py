@@ -57,7 +57,7 @@ class NamespacePool:
     def __init__(self) -> None:
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         parent = os.getpid()
-        self._pid = os.fork()
+        self._pid = sc.fork()
         if self._pid == 0:
             status = 1
             try:

@@ -24,7 +24,6 @@ import select
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -290,11 +289,7 @@ def _probe(rootless: bool, timeout: float) -> Availability:
     status: int | None = None
     chunks: list[bytes] = []
     try:
-        with warnings.catch_warnings():
-            # Python 3.12+ warns when forking with threads alive; the child only makes
-            # system calls and is killed on timeout, so the usual deadlock risk is covered.
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*fork\(\)")
-            pid = os.fork()
+        pid = _syscalls.fork()  # the child only makes system calls and is killed on a timeout
         if pid == 0:  # pragma: no cover - runs in the child, which reports through the pipe
             code = 1
             try:
