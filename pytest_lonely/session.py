@@ -49,9 +49,9 @@ class Session:
 
     def pool(self) -> NamespacePool | None:
         """Namespaces built ahead of time on a thread (root mode; ``PYTEST_LONELY_PREBUILD=0`` turns it off)."""
-        if self.rootless or os.environ.get("PYTEST_LONELY_PREBUILD", "1") == "0":
-            return None
         if self._pool is None:
+            if self.rootless or os.environ.get("PYTEST_LONELY_PREBUILD", "1") == "0":
+                return None
             self._pool = NamespacePool()
         return self._pool if self._pool.broken is None else None
 
