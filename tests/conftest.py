@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 from collections.abc import Iterator
@@ -14,6 +15,18 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURE_ROOTFS = REPO / "fixtures" / "rootfs"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 BUSYBOX_APPLETS = ("sh", "ls", "ps", "cat", "hostname", "id", "sleep", "echo", "mount", "true", "env")
+
+
+_SLEEP_TAG = re.compile(r"(?<![\d.])(987\.\d+|654\.321)(?!\d)")
+
+
+def unique_sleeps(text: str) -> str:
+    """Make the marker arguments of test daemons (``sleep 987.321``) unique to this pytest process.
+
+    Tests look for their daemons with ``pgrep -f``; two suites running at once (tox -p) must not see
+    each other's.  Apply it once to every string that starts or looks for such a daemon.
+    """
+    return _SLEEP_TAG.sub(lambda m: f"{m.group(1)}{os.getpid()}", text)
 
 
 def _mount_table() -> list[str]:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_ROOTFS
+from conftest import FIXTURE_ROOTFS, unique_sleeps
 
 RunLonely = Callable[..., pytest.RunResult]
 
@@ -452,19 +452,19 @@ FINISHED_LINE = re.compile(
 def test_setup_container_hook(pytester: pytest.Pytester, run_lonely: RunLonely) -> None:
     """The hook runs as PID 1 before the test's own setup; its file and process stay in the container."""
     assert not os.path.exists("/etc/from-hook"), "a previous run leaked /etc/from-hook onto the host"
-    pytester.makeconftest(HOOKS_CONFTEST)
+    pytester.makeconftest(unique_sleeps(HOOKS_CONFTEST))
     pytester.makepyfile(test_hooks=HOOKS_SETUP_TESTS)
     result = run_lonely("-s", "-rA", timeout=60)
     result.assert_outcomes(passed=3)
     # The hook's own asserts (pid 1) would have turned into setup errors.
     assert len(FINISHED_LINE.findall(result.stdout.str())) == 2
     assert not os.path.exists("/etc/from-hook")
-    assert no_process_matching("sleep 654.321"), "the hook's background process outlived its container"
+    assert no_process_matching(unique_sleeps("sleep 654.321")), "the hook's background process outlived its container"
 
 
 def test_setup_container_hook_error_is_a_setup_error(pytester: pytest.Pytester, run_lonely: RunLonely) -> None:
     """An exception in the hook is that test's setup ERROR, nothing more; the other tests are unaffected."""
-    pytester.makeconftest(HOOKS_CONFTEST)
+    pytester.makeconftest(unique_sleeps(HOOKS_CONFTEST))
     pytester.makepyfile(test_hooks=HOOKS_ERROR_TESTS)
     result = run_lonely("-s", "-rA", timeout=60)
     result.stdout.fnmatch_lines(
@@ -484,7 +484,7 @@ def test_setup_container_hook_error_is_a_setup_error(pytester: pytest.Pytester, 
 
 def test_container_finished_hook(pytester: pytest.Pytester, run_lonely: RunLonely) -> None:
     """Called in the parent after the container is reaped, once per isolated test, with its exit status."""
-    pytester.makeconftest(HOOKS_CONFTEST)
+    pytester.makeconftest(unique_sleeps(HOOKS_CONFTEST))
     pytester.makepyfile(test_hooks=HOOKS_FINISHED_TESTS)
     result = run_lonely("-s", "-rA", timeout=60)
     out = result.stdout.str()
@@ -669,7 +669,8 @@ def test_network_none_and_lonely_all(
 def test_pytest_timeout_signal_method(pytester: pytest.Pytester, run_lonely: RunLonely) -> None:
     """pytest-timeout's alarm fires in the parent: a plain failure, and the container's daemon dies with it."""
     pytester.makepyfile(
-        """
+        unique_sleeps(
+            """
         import os
         import subprocess
         import time
@@ -691,6 +692,7 @@ def test_pytest_timeout_signal_method(pytester: pytest.Pytester, run_lonely: Run
         def test_next_plain():
             assert os.getpid() != 1
         """
+        )
     )
     try:
         result = run_lonely("--timeout", "1", "--timeout-method", "signal", "-rA", timeout=60)
@@ -699,9 +701,11 @@ def test_pytest_timeout_signal_method(pytester: pytest.Pytester, run_lonely: Run
         result.stdout.fnmatch_lines(["Timeout (>1.0s) from pytest-timeout."])
         result.stdout.fnmatch_lines(["FAILED *::test_hangs - Failed: Timeout (>1*"])
         result.stdout.no_fnmatch_line("*INTERNALERROR*")
-        assert no_process_matching("987.4321"), "the daemon started in the container outlived it"
+        assert no_process_matching(unique_sleeps("987.4321")), "the daemon started in the container outlived it"
     finally:  # only if the assertion above failed: kill the leaked daemon by its pid
-        leaked = subprocess.run(["pgrep", "-f", "^sleep 987.4321$"], check=False, capture_output=True, text=True)
+        leaked = subprocess.run(
+            ["pgrep", "-f", unique_sleeps("^sleep 987.4321$")], check=False, capture_output=True, text=True
+        )
         for pid in leaked.stdout.split():
             os.kill(int(pid), 9)
 

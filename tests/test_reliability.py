@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import unique_sleeps
 
 # --- helpers ----------------------------------------------------------------------------------------------------------
 
@@ -311,7 +312,7 @@ def test_next():
 
 
 def test_timeout_kills_the_whole_container_and_shows_where_it_hung(run_lonely, pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_hanging=HANGING)
+    pytester.makepyfile(test_hanging=unique_sleeps(HANGING))
     start = time.monotonic()
     result = run_lonely("-rA", timeout=60)
     elapsed = time.monotonic() - start
@@ -320,7 +321,7 @@ def test_timeout_kills_the_whole_container_and_shows_where_it_hung(run_lonely, p
     hang = assert_timed_out(result, "test_hangs", 1)
     assert f'test_hanging.py", line {line_of(HANGING, "time.sleep(60)")} in test_hangs' in hang
     result.stdout.fnmatch_lines(["PASSED test_hanging.py::test_next"])
-    assert not running("987.321"), "a daemon of the timed-out container survived"
+    assert not running(unique_sleeps("987.321")), "a daemon of the timed-out container survived"
     assert elapsed < 15, f"the inner session took {elapsed:.1f} s for a 1 s timeout"
 
 
@@ -421,13 +422,13 @@ def test_never_reached():
 def test_ctrl_c_stops_the_session_and_the_container(pytester: pytest.Pytester) -> None:
     handshake = pytester.path / "handshake.txt"
     pytester.makeconftest(handshake_conftest(handshake))
-    pytester.makepyfile(test_interrupted=LONG_RUNNING.format(tag="987.555"))
+    pytester.makepyfile(test_interrupted=LONG_RUNNING.format(tag=unique_sleeps("987.555")))
     host_pid = None
     with spawned(pytester, "-rA") as (proc, log):
         try:
             wait_for(lambda: read_pid(handshake) is not None, 30, "the isolated test to start")
             host_pid = read_pid(handshake)
-            wait_for(lambda: bool(running("987.555")), 10, "the daemon inside the container")
+            wait_for(lambda: bool(running(unique_sleeps("987.555"))), 10, "the daemon inside the container")
             os.kill(proc.pid, signal.SIGINT)
             proc.wait(timeout=10)
         finally:
@@ -439,25 +440,25 @@ def test_ctrl_c_stops_the_session_and_the_container(pytester: pytest.Pytester) -
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
     assert host_pid is not None
     assert not pid_alive(host_pid), "the container's PID 1 outlived the interrupted session"
-    assert not running("987.555"), "a daemon of the interrupted container survived"
+    assert not running(unique_sleeps("987.555")), "a daemon of the interrupted container survived"
 
 
 def test_container_dies_with_its_pytest(pytester: pytest.Pytester) -> None:
     """SIGKILL to pytest itself (no handler runs): the kernel must still take the container down."""
     handshake = pytester.path / "handshake.txt"
     pytester.makeconftest(handshake_conftest(handshake))
-    pytester.makepyfile(test_orphaned=LONG_RUNNING.format(tag="987.666"))
+    pytester.makepyfile(test_orphaned=LONG_RUNNING.format(tag=unique_sleeps("987.666")))
     host_pid = None
     with spawned(pytester) as (proc, _):
         try:
             wait_for(lambda: read_pid(handshake) is not None, 30, "the isolated test to start")
             host_pid = read_pid(handshake)
             assert host_pid is not None
-            wait_for(lambda: bool(running("987.666")), 10, "the daemon inside the container")
+            wait_for(lambda: bool(running(unique_sleeps("987.666"))), 10, "the daemon inside the container")
             proc.kill()
             proc.wait(timeout=10)
             wait_for(lambda: not pid_alive(host_pid), 5, f"the orphaned container's PID 1 ({host_pid}) to die")
-            wait_for(lambda: not running("987.666"), 5, "the orphaned container's daemon to die")
+            wait_for(lambda: not running(unique_sleeps("987.666")), 5, "the orphaned container's daemon to die")
         finally:
             kill_leftover(host_pid)
 
@@ -467,7 +468,8 @@ def test_container_dies_with_its_pytest(pytester: pytest.Pytester) -> None:
 
 def test_daemon_started_inside_is_gone_after_the_test(run_lonely, pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
-        test_daemon="""
+        test_daemon=unique_sleeps(
+            """
         import os
         import subprocess
         import time
@@ -493,10 +495,11 @@ def test_daemon_started_inside_is_gone_after_the_test(run_lonely, pytester: pyte
                 assert time.monotonic() < deadline, running()
                 time.sleep(0.05)
         """
+        )
     )
     result = run_lonely("-p", "no:randomly", timeout=60)
     result.assert_outcomes(passed=2)
-    assert not running("987.777")
+    assert not running(unique_sleeps("987.777"))
 
 
 STRESS_CONFTEST = """
