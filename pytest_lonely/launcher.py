@@ -32,7 +32,8 @@ _PIPE_SIZE: Final = 1 << 20
 class Outcome:
     """How a container ended, as far as the parent could see."""
 
-    #: "done", "exit", "interrupt", "error", "crashed" or "timeout".
+    #: "done", "exit", "interrupt", "error", "crashed" or "timeout"; the runner adds "aborted"
+    #: when the parent itself was interrupted while waiting (pytest-timeout's alarm).
     kind: str
     host_pid: int = 0
     #: ``os.waitstatus_to_exitcode`` of the process we forked (negative: killed by that signal); None if not reaped yet.

@@ -22,7 +22,7 @@ import re
 import stat
 import sys
 import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -124,7 +124,7 @@ class HostLayout:
     dev_nodes: tuple[str, ...]
 
     @classmethod
-    def scan(cls, rootdir: Path, extra: Sequence[str] = ()) -> HostLayout:
+    def scan(cls, rootdir: Path) -> HostLayout:
         top: list[tuple[str, str, str]] = []
         with os.scandir("/") as it:
             for entry in sorted(it, key=lambda e: e.name):
@@ -138,12 +138,12 @@ class HostLayout:
         return cls(
             mounts=tuple(read_mounts()),
             top=tuple(top),
-            needed=tuple(_needed_paths(rootdir, cwd, extra)),
+            needed=tuple(_needed_paths(rootdir, cwd)),
             dev_nodes=tuple(n for n in DEV_NODES if os.path.exists(f"/dev/{n}")),
         )
 
 
-def _needed_paths(rootdir: Path, cwd: str, extra: Sequence[str]) -> list[tuple[str, bool]]:
+def _needed_paths(rootdir: Path, cwd: str) -> list[tuple[str, bool]]:
     """The interpreter, its import path and the project: a test must keep importing lazily inside."""
     ro: set[str] = set()
     for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}:
@@ -154,7 +154,6 @@ def _needed_paths(rootdir: Path, cwd: str, extra: Sequence[str]) -> list[tuple[s
         if with_key:
             ro.add(with_key)
     ro.update(p for p in sys.path if p and os.path.isabs(p))
-    ro.update(extra)
     wanted = [(os.path.realpath(p), False) for p in ro]
     wanted += [(os.path.realpath(str(rootdir)), True), (os.path.realpath(cwd), True)]
     return minimal_cover((p, cow) for p, cow in wanted if os.path.exists(p) and p != "/")
@@ -181,13 +180,9 @@ def plan(layout: HostLayout, key: PlanKey) -> tuple[Op, ...]:
     counter = iter(range(1_000_000))
     covered: list[str] = []  # host paths the new root already shows at their own place
 
-    def cow(host_path: str, target: str) -> None:
-        ops.append((COW, OLD + host_path if host_path != "/" else OLD, target, next(counter), key.rootless))
-
     if key.rootfs is None:
-        covered.append("/")
         if not key.rootless:
-            cow("/", NEW)
+            ops.append((COW, OLD, NEW, next(counter), False))
             for m in sorted(layout.mounts, key=lambda m: m.mountpoint.count("/")):
                 mp = m.mountpoint
                 if mp == "/" or m.fstype in _PSEUDO_FS or any(_under(mp, "/" + t) for t in _SPECIAL_TOP):
