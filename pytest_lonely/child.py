@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 from _pytest import runner
 
-from . import _syscalls as sc
-from . import protocol, rootfs
+from .sandbox import _syscalls as sc
+from .sandbox import protocol, rootfs
 from .container import Container
 from .errors import LonelyWarning
 

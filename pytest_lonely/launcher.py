@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from . import _syscalls as sc
-from . import child, protocol
+from .sandbox import _syscalls as sc
+from . import child
+from .sandbox import protocol
 
 #: Seconds between the child's traceback dump at the timeout and the parent's SIGKILL.
 TIMEOUT_GRACE: Final = 0.5

@@ -20,8 +20,9 @@ import pytest
 from _pytest.runner import CallInfo, check_interactive_exception, get_reraise_exceptions
 from _pytest.skipping import evaluate_xfail_marks, xfailed_key
 
-from . import _syscalls as sc
-from . import archive, child, protocol, rootfs
+from .sandbox import _syscalls as sc
+from . import child
+from .sandbox import archive, protocol, rootfs
 from .container import Container
 from .launcher import Outcome, describe_status
 from .session import SESSION_KEY

@@ -15,9 +15,9 @@ from typing import Final
 
 import pytest
 
-from . import archive, probe, rootfs
+from .sandbox import archive, probe, rootfs
 from .launcher import Launcher
-from .pool import NamespacePool
+from .sandbox.pool import NamespacePool
 from .spec import Spec
 
 

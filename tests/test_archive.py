@@ -1,4 +1,4 @@
-"""Tests for pytest_lonely.archive: real tarballs under tmp_path, real extraction, real processes."""
+"""Tests for pytest_lonely.sandbox.archive: real tarballs under tmp_path, real extraction, real processes."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import pytest_lonely.archive
-from pytest_lonely.archive import ArchiveError, unpack
+import pytest_lonely.sandbox.archive
+from pytest_lonely.sandbox.archive import ArchiveError, unpack
 
 FORMATS = [
     (".tar", "w"),
@@ -424,7 +424,7 @@ def test_concurrent_first_use(tmp_path: Path) -> None:
     ready = [tmp_path / f"ready{i}" for i in range(2)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, pytest_lonely.archive.__file__, str(r), str(go), str(tarball), str(cache)],
+            [sys.executable, "-c", CHILD, pytest_lonely.sandbox.archive.__file__, str(r), str(go), str(tarball), str(cache)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

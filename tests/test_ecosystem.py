@@ -75,7 +75,7 @@ def no_process_matching(pattern: str, within: float = 5.0) -> bool:
 XDIST_CONFTEST = """
 import os
 
-import pytest_lonely.archive as archive
+import pytest_lonely.sandbox.archive as archive
 
 _real_unpack = archive.unpack
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_lonely import probe as probe_mod
-from pytest_lonely.probe import STEPS, Availability, detect_container, diagnose, probe, read_sysctls
+from pytest_lonely.sandbox import probe as probe_mod
+from pytest_lonely.sandbox.probe import STEPS, Availability, detect_container, diagnose, probe, read_sysctls
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="namespaces need Linux")
 root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
@@ -211,11 +211,12 @@ def test_probe_as_unprivileged_user() -> None:
     base = tempfile.mkdtemp(prefix="lonely-probe-")
     try:
         os.chmod(base, 0o755)
-        package = os.path.join(base, "pytest_lonely")
-        os.mkdir(package)
-        open(os.path.join(package, "__init__.py"), "w").close()  # the probe needs only itself and _syscalls
+        package = os.path.join(base, "pytest_lonely", "sandbox")
+        os.makedirs(package)
+        for init in (os.path.dirname(package), package):  # the probe needs only itself and _syscalls
+            open(os.path.join(init, "__init__.py"), "w").close()
         for name in ("probe.py", "_syscalls.py"):
-            shutil.copy(ROOT / "pytest_lonely" / name, package)
+            shutil.copy(ROOT / "pytest_lonely" / "sandbox" / name, package)
         for dirpath, _, files in os.walk(base):
             os.chmod(dirpath, 0o755)
             for name in files:
@@ -303,7 +304,7 @@ def test_probe_kills_a_hung_child(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("subreaper", [False, True], ids=["plain", "subreaper"])
 def test_probe_kills_a_hung_pid1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, subreaper: bool) -> None:
     """PID 1 dies with the child; if pytest is a subreaper, the orphan is ours and must be reaped too."""
-    from pytest_lonely import _syscalls
+    from pytest_lonely.sandbox import _syscalls
 
     pid_file = tmp_path / "pid1"
 
@@ -401,11 +402,11 @@ def test_probe_is_cheap() -> None:
 
 # --------------------------------------------------------------------------- helpers
 
-_PRINT_PROBE = "from pytest_lonely.probe import probe; a = probe(); print(a.ok, a.rootless, a.reason)"
+_PRINT_PROBE = "from pytest_lonely.sandbox.probe import probe; a = probe(); print(a.ok, a.rootless, a.reason)"
 
 _SECCOMP_SCRIPT = """
 import ctypes, errno
-from pytest_lonely.probe import probe
+from pytest_lonely.sandbox.probe import probe
 
 class Insn(ctypes.Structure):
     _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]

@@ -587,10 +587,10 @@ def test_enospc_user_namespaces(env: Env, mode: str, args: tuple[str, ...], ini:
 # --------------------------------------------------------------------------- C: not Linux (simulated)
 
 NOT_LINUX_CONFTEST = """
-import pytest_lonely.probe
+import pytest_lonely.sandbox.probe
 
 # Simulated: the probe's platform check says "not Linux"; everything else still runs on Linux.
-pytest_lonely.probe._IS_LINUX = False
+pytest_lonely.sandbox.probe._IS_LINUX = False
 """
 
 NOT_LINUX_TESTS = """
