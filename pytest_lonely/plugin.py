@@ -10,54 +10,35 @@ sees ordinary reports.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Final
 
 import pytest
-from _pytest.skipping import evaluate_skip_marks
 
-from . import child, hookspecs
+from . import _pytest_compat as compat
+from . import child, hookspecs, settings
 from .container import Container
-from .runner import MARKER, IsolatedRun
+from .errors import LonelyWarning
+from .runner import IsolatedRun
+from .sandbox import namespaces
 from .session import SESSION_KEY, Session
-from .spec import FIELDS, SpecError, defaults_from
 
 FIXTURE: Final = "container"
-
-_UNAVAILABLE_CHOICES: Final = ("fail", "skip")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("lonely", "run tests in lightweight Linux containers (pytest-lonely)")
-    group.addoption(
-        "--lonely-rootfs",
-        metavar="PATH",
-        default=None,
-        help="root filesystem for isolated tests: a directory or a tarball (default: copy-on-write view of the host)",
-    )
-    group.addoption(
-        "--lonely-timeout",
-        metavar="SECONDS",
-        default=None,
-        help="kill an isolated test's whole container after this many seconds; 0 means never (default: 0)",
-    )
-    group.addoption(
-        "--lonely-network",
-        metavar="host|none",
-        default=None,
-        help="host: share the host network (default); none: private network namespace with only lo",
-    )
-    group.addoption("--lonely-all", action="store_true", default=None, help="isolate every test, marked or not")
-    group.addoption(
-        "--lonely-unavailable",
-        metavar="fail|skip",
-        default=None,
-        help="what isolated tests do when this machine cannot create containers (default: fail)",
-    )
-    parser.addini("lonely_rootfs", "root filesystem for isolated tests (relative to this ini file)", default="")
-    parser.addini("lonely_timeout", "seconds before an isolated test's container is killed (0: never)", default="")
-    parser.addini("lonely_network", "host or none", default="")
-    parser.addini("lonely_all", "isolate every test", type="bool", default=False)
-    parser.addini("lonely_unavailable", "fail or skip isolated tests when containers are unavailable", default="")
+    for _, how in settings.all_settings():
+        if how.cli:
+            if how.flag:
+                group.addoption(how.cli, action="store_true", default=None, help=how.help)
+            else:
+                group.addoption(how.cli, metavar=how.metavar, default=None, help=how.help)
+        if how.ini:
+            if how.flag:
+                parser.addini(how.ini, how.help, type="bool", default=False)
+            else:
+                parser.addini(how.ini, how.help, default="")
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -66,25 +47,14 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        f"{MARKER}(hostname=None, rootfs=None, timeout=None, network=None): run this test in its own "
-        "container (PID, mount, UTS and IPC namespaces, throwaway root filesystem). See pytest-lonely.",
-    )
+    config.addinivalue_line("markers", settings.marker_help())
     _refuse_rivals(config)
     inidir = config.inipath.parent if config.inipath else config.rootpath
-    cli = {f.name: config.getoption(f.cli.lstrip("-").replace("-", "_")) for f in FIELDS if f.cli}
-    ini = {f.name: config.getini(f.ini) for f in FIELDS if f.ini}
     try:
-        defaults = defaults_from(cli, ini, config.rootpath, inidir)
-    except SpecError as exc:
+        defaults, options = settings.from_config(config.getoption, config.getini, config.rootpath, inidir)
+    except settings.SettingError as exc:
         raise pytest.UsageError(str(exc)) from None
-    unavailable = config.getoption("lonely_unavailable") or config.getini("lonely_unavailable") or "fail"
-    if unavailable not in _UNAVAILABLE_CHOICES:
-        source = "--lonely-unavailable" if config.getoption("lonely_unavailable") else "lonely_unavailable (ini)"
-        raise pytest.UsageError(f"{source}={unavailable!r}: allowed are {', '.join(_UNAVAILABLE_CHOICES)}")
-    isolate_all = bool(config.getoption("lonely_all") or config.getini("lonely_all"))
-    config.stash[SESSION_KEY] = Session(config, defaults, isolate_all, unavailable)
+    config.stash[SESSION_KEY] = Session(config, defaults, options)
 
 
 def _refuse_rivals(config: pytest.Config) -> None:
@@ -109,30 +79,43 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(SESSION_KEY, None)
-    if state is not None:
-        state.reap()  # no container outlives the session
+    if state is None:
+        return
+    state.reap()  # no container outlives the session
+    for plugin, nodeids in state.lost_results.items():
+        shown = ", ".join(nodeids[:5]) + (f" and {len(nodeids) - 5} more" if len(nodeids) > 5 else "")
+        message = LonelyWarning(
+            f"{plugin} keeps its results inside the test process, so they stay in the container: "
+            f"the results of {len(nodeids)} isolated test(s) are missing from its summary: {shown}"
+        )
+        record = warnings.WarningMessage(message, LonelyWarning, __file__, 0)
+        session.config.hook.pytest_warning_recorded.call_historic(
+            kwargs=dict(warning_message=record, when="runtest", nodeid="", location=None)
+        )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     state = config.stash[SESSION_KEY]
+    if state.disabled is not None:
+        return [f"lonely: disabled: {state.disabled}"]
     availability = state.availability()
     if not availability.ok:
-        return [f"lonely: isolation unavailable ({state.unavailable} isolated tests): {availability.reason}"]
+        return [f"lonely: isolation unavailable ({state.options.unavailable} isolated tests): {availability.reason}"]
     mode = "rootless" if state.rootless else "root"
-    namespaces = ",".join(["user"] * state.rootless + ["pid", "mnt", "uts", "ipc"])
-    if not state.defaults.network:
-        namespaces += ",net"
+    names = namespaces.describe(namespaces.for_container(rootless=state.rootless, network=state.defaults.network))
     root = str(state.defaults.rootfs) if state.defaults.rootfs else "host view (copy-on-write)"
-    extra = ", isolating all tests" if state.isolate_all else ""
+    extra = ", isolating all tests" if state.options.all else ""
     timeout = f", timeout {state.defaults.timeout:g}s" if state.defaults.timeout else ""
-    return [f"lonely: {mode} mode, namespaces {namespaces}, rootfs {root}{timeout}{extra}"]
+    return [f"lonely: {mode} mode, namespaces {names}, rootfs {root}{timeout}{extra}"]
 
 
 def is_isolated(item: pytest.Item) -> bool:
     """Marked, asking for the ``container`` fixture, or everything under ``--lonely-all``."""
     state = item.config.stash[SESSION_KEY]
     return (
-        state.isolate_all or item.get_closest_marker(MARKER) is not None or FIXTURE in getattr(item, "fixturenames", ())
+        state.options.all
+        or item.get_closest_marker(settings.MARKER) is not None
+        or FIXTURE in getattr(item, "fixturenames", ())
     )
 
 
@@ -152,7 +135,10 @@ def container() -> Container:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    if not is_isolated(item) or _skipped_anyway(item):
+    state = item.config.stash[SESSION_KEY]
+    if not is_isolated(item) or compat.skipped_by_marks(item):
+        # A test that runs in-process must see only its own children: reap finished containers first.
+        state.reap()
         return None
     ihook = item.ihook
     reruns = _reruns(item)
@@ -180,11 +166,3 @@ def _reruns(item: pytest.Item) -> int:
         return int(module.get_reruns_count(item) or 0)
     except Exception:
         return 0
-
-
-def _skipped_anyway(item: pytest.Item) -> bool:
-    """A test that a skip marker skips needs no container: let pytest skip it in-process."""
-    try:
-        return evaluate_skip_marks(item) is not None
-    except Exception:  # the child will raise the same error and report it
-        return False

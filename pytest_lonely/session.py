@@ -1,7 +1,7 @@
 """Per-process state of pytest-lonely, kept in ``config.stash``.
 
 Everything here is computed lazily and at most once per pytest process (one
-per xdist worker): the availability probe, the launcher with its long-lived
+per xdist worker): the availability probe, the engine with its long-lived
 fds, the host layout and the mount plan for each distinct configuration.
 """
 
@@ -15,10 +15,10 @@ from typing import Final
 
 import pytest
 
+from . import _pytest_compat as compat
 from .sandbox import archive, probe, rootfs
-from .launcher import Launcher
-from .sandbox.pool import NamespacePool
-from .spec import Spec
+from .sandbox.launcher import Engine
+from .settings import RunOptions, Spec
 
 
 @dataclasses.dataclass
@@ -27,42 +27,54 @@ class Session:
 
     config: pytest.Config
     defaults: Spec
-    isolate_all: bool
-    unavailable: str
+    options: RunOptions
     rootless: bool = dataclasses.field(default_factory=lambda: os.geteuid() != 0)
+    #: Why the plugin cannot work with this pytest at all (then every isolated test fails with it).
+    disabled: str | None = compat.UNSUPPORTED
+    #: Tests whose results a plugin keeps in-process and that the container could not hand back, by plugin.
+    lost_results: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     _availability: probe.Availability | None = None
-    _launcher: Launcher | None = None
-    _pool: NamespacePool | None = None
+    _engine: Engine | None = None
     _layout: rootfs.HostLayout | None = None
-    _plans: dict[rootfs.PlanKey, tuple[rootfs.Op, ...]] = dataclasses.field(default_factory=dict)
+    _plans: dict[rootfs.PlanKey, rootfs.Plan] = dataclasses.field(default_factory=dict)
     _unpacked: dict[Path, Path] = dataclasses.field(default_factory=dict)
 
     def availability(self) -> probe.Availability:
         if self._availability is None:
-            self._availability = probe.probe(self.rootless)
+            if self.disabled is not None:
+                self._availability = probe.Availability(False, self.rootless, self.disabled)
+            else:
+                self._availability = probe.probe(self.rootless)
         return self._availability
 
-    def launcher(self) -> Launcher:
-        if self._launcher is None:
-            self._launcher = Launcher(self.rootless)
-        return self._launcher
+    def engine(self) -> Engine:
+        """The engine; as root it prebuilds namespaces (``PYTEST_LONELY_PREBUILD=0`` turns that off)."""
+        if self._engine is None:
+            self._engine = Engine(self.rootless, prebuild=os.environ.get("PYTEST_LONELY_PREBUILD", "1") != "0")
+        return self._engine
 
-    def pool(self) -> NamespacePool | None:
-        """Namespaces built ahead of time on a thread (root mode; ``PYTEST_LONELY_PREBUILD=0`` turns it off)."""
-        if self._pool is None:
-            if self.rootless or os.environ.get("PYTEST_LONELY_PREBUILD", "1") == "0":
-                return None
-            self._pool = NamespacePool()
-        return self._pool if self._pool.broken is None else None
-
-    def plan(self, rootfs_dir: Path | None, network: bool) -> tuple[rootfs.PlanKey, tuple[rootfs.Op, ...]]:
-        key = rootfs.PlanKey(None if rootfs_dir is None else str(rootfs_dir), self.rootless, network)
+    def plan(self, rootfs_dir: Path | None, network: bool, tmp: bool) -> tuple[rootfs.PlanKey, rootfs.Plan]:
+        """The mount plan; with ``tmp``, the session's basetemp is bound writable (see :meth:`basetemp`)."""
+        writable = self.basetemp() if tmp else ()
+        key = rootfs.PlanKey(None if rootfs_dir is None else str(rootfs_dir), self.rootless, network, writable)
         ops = self._plans.get(key)
         if ops is None:
             if self._layout is None:
                 self._layout = rootfs.HostLayout.scan(self.config.rootpath)
             ops = self._plans[key] = rootfs.plan(self._layout, key)
         return key, ops
+
+    def basetemp(self) -> tuple[str, ...]:
+        """The session's basetemp, made on the host: the one window through which a container writes there.
+
+        ``tmp_path`` then is a real directory under it, kept or removed by
+        pytest's retention rules as in-process.  Made only once a test asks
+        for a temporary directory, as pytest does.
+        """
+        factory = compat.tmp_path_factory(self.config)
+        if factory is None:
+            return ()
+        return (os.path.realpath(factory.getbasetemp()),)
 
     def rootfs_dir(self, path: Path) -> Path:
         """The directory to use as root: ``path`` itself, or where its tarball was unpacked."""
@@ -75,16 +87,14 @@ class Session:
         return unpacked
 
     def reap(self) -> None:
-        if self._launcher is not None:
-            self._launcher.reap(block=True)
+        """Wait for every finished container, so no test ever sees one of ours as its child."""
+        if self._engine is not None and self._engine.unreaped:
+            self._engine.reap(block=True)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-        if self._launcher is not None:
-            self._launcher.close()
-            self._launcher = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
 
 SESSION_KEY: Final = pytest.StashKey[Session]()

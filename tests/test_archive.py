@@ -424,7 +424,16 @@ def test_concurrent_first_use(tmp_path: Path) -> None:
     ready = [tmp_path / f"ready{i}" for i in range(2)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, pytest_lonely.sandbox.archive.__file__, str(r), str(go), str(tarball), str(cache)],
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                pytest_lonely.sandbox.archive.__file__,
+                str(r),
+                str(go),
+                str(tarball),
+                str(cache),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

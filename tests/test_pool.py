@@ -99,7 +99,7 @@ def test_a_broken_pool_falls_back_to_building_in_the_child(pytester: pytest.Pyte
 
         def pytest_lonely_container_finished(item, container, exitstatus):
             # In the parent, after the first container: the builder dies mid-session.
-            pool = item.config.stash[session.SESSION_KEY]._pool
+            pool = item.config.stash[session.SESSION_KEY].engine()._pool
             if pool is not None and pool._pid and item.name == "test_a":
                 os.kill(pool._pid, signal.SIGKILL)
         """

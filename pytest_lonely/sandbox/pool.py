@@ -23,17 +23,14 @@ import dataclasses
 import marshal
 import os
 import select
-import signal
 import socket
-import struct
 from typing import Any, Final
 
 from . import _syscalls as sc
-from . import rootfs
+from . import namespaces, process, protocol, rootfs
 
-_KINDS: Final = (("mnt", sc.CLONE_NEWNS), ("uts", sc.CLONE_NEWUTS), ("ipc", sc.CLONE_NEWIPC))
-_NET: Final = ("net", sc.CLONE_NEWNET)
-_HEADER: Final = struct.Struct("<I")
+#: The namespaces a prebuild can hold; PID and user namespaces are made by the launcher.
+_PREBUILT: Final = ("mnt", "uts", "ipc", "net")
 #: Seconds ``take`` waits for a build under way before the child builds its own namespaces instead.
 _WAIT: Final = 2.0
 _MAX_FDS: Final = 8
@@ -57,17 +54,15 @@ class NamespacePool:
     def __init__(self) -> None:
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         parent = os.getpid()
-        self._pid = sc.fork()
-        if self._pid == 0:
-            status = 1
-            try:
-                # Hold nothing of pytest's open: a pipe kept open here would hide an EOF from a reader.
-                keep = theirs.fileno()
-                os.closerange(0, keep)
-                os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
-                status = _serve(theirs, parent)
-            finally:
-                os._exit(status)
+
+        def builder() -> int:
+            # Hold nothing of pytest's open: a pipe kept open here would hide an EOF from a reader.
+            keep = theirs.fileno()
+            os.closerange(0, keep)
+            os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+            return _serve(theirs, parent)
+
+        self._pid = process.spawn(builder)
         theirs.close()
         self._asked: rootfs.PlanKey | None = None  # a request under way
         self._ready: tuple[rootfs.PlanKey, Prepared] | None = None
@@ -84,7 +79,7 @@ class NamespacePool:
             return prepared
         return None
 
-    def prefetch(self, key: rootfs.PlanKey, ops: tuple[rootfs.Op, ...]) -> None:
+    def prefetch(self, key: rootfs.PlanKey, ops: rootfs.Plan) -> None:
         """Start building namespaces for ``key``: the next test most likely looks like this one."""
         if self.broken is not None:
             return
@@ -100,7 +95,7 @@ class NamespacePool:
         try:
             request: Any = (dataclasses.astuple(key), ops)
             body = marshal.dumps(request)
-            self._sock.sendall(_HEADER.pack(len(body)) + body)
+            self._sock.sendall(protocol.pack(body))
         except (OSError, ValueError) as exc:
             self._stop(f"cannot reach the namespace builder: {exc}")
             return
@@ -139,11 +134,7 @@ class NamespacePool:
             self._ready = None
         if self._pid:
             self._sock.close()  # the builder sees EOF and exits
-            try:
-                os.kill(self._pid, signal.SIGKILL)
-                os.waitpid(self._pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            process.kill_and_reap(self._pid)
             self._pid = 0
 
 
@@ -152,10 +143,10 @@ class NamespacePool:
 
 def _serve(sock: socket.socket, parent: int) -> int:
     """Build namespaces on request until pytest closes the socket (or dies: PDEATHSIG)."""
-    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        return 1
-    own = tuple((os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag) for name, flag in (*_KINDS, _NET))
+    process.guard_parent(parent)
+    own = tuple(
+        (os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), namespaces.FLAGS[name]) for name in _PREBUILT
+    )
     while True:
         request = _read_request(sock)
         if request is None:
@@ -175,14 +166,14 @@ def _serve(sock: socket.socket, parent: int) -> int:
                 os.close(fd)
 
 
-def _read_request(sock: socket.socket) -> tuple[Any, tuple[rootfs.Op, ...]] | None:
-    header = _recv_exactly(sock, _HEADER.size)
+def _read_request(sock: socket.socket) -> tuple[Any, rootfs.Plan] | None:
+    header = _recv_exactly(sock, protocol.HEADER.size)
     if header is None:
         return None
-    body = _recv_exactly(sock, _HEADER.unpack(header)[0])
+    body = _recv_exactly(sock, protocol.HEADER.unpack(header)[0])
     if body is None:
         return None
-    request: tuple[Any, tuple[rootfs.Op, ...]] = marshal.loads(body)
+    request: tuple[Any, rootfs.Plan] = marshal.loads(body)
     return request
 
 
@@ -197,14 +188,12 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
 
 
 def _build(
-    key: rootfs.PlanKey, ops: tuple[rootfs.Op, ...], own: tuple[tuple[int, int], ...]
+    key: rootfs.PlanKey, ops: rootfs.Plan, own: tuple[tuple[int, int], ...]
 ) -> tuple[list[int], list[str], list[int]]:
     """Enter fresh namespaces, assemble the root exactly as a child would, keep fds to them, come home."""
-    kinds = _KINDS if key.network else (*_KINDS, _NET)
-    flags = 0
-    for _, flag in kinds:
-        flags |= flag
-    sc.unshare(flags)
+    wanted = namespaces.for_container(rootless=False, network=key.network)
+    kinds = [(name, namespaces.FLAGS[name]) for name in _PREBUILT if name in wanted]
+    sc.unshare(namespaces.flags(name for name, _ in kinds))
     fds: list[int] = []
     try:
         rootfs.enter_scratch()

@@ -24,7 +24,7 @@ import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from . import _syscalls as sc
 
@@ -44,18 +44,21 @@ _PSEUDO_FS: Final = frozenset(
 _SPECIAL_TOP: Final = ("proc", "sys", "dev", "tmp")
 _SYSTEM_DIRS: Final = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
-# Operation codes.  An operation is a tuple whose first item is one of these.
-MKDIR: Final = "mkdir"  # (MKDIR, path, mode)
-MKDIRS: Final = "mkdirs"  # (MKDIRS, path): create missing parents and the dir, never through a symlink
-TOUCH: Final = "touch"  # (TOUCH, path): an empty file to bind a file onto
-SYMLINK: Final = "symlink"  # (SYMLINK, target, path)
-MOUNT: Final = "mount"  # (MOUNT, source, target, fstype, flags, data)
-COW: Final = "cow"  # (COW, lower, target, n, rootless): overlay, falling back to a read-only bind
-BIND_RO: Final = "bind_ro"  # (BIND_RO, source, target): recursive bind, read-only where the kernel lets us
-NOTE: Final = "note"  # (NOTE, text): something the plan already knows cannot be shown
-OPTIONAL: Final = "optional"  # (OPTIONAL, host_path, (op, ...)): skipped with a note if any of it fails
-
-Op = tuple[object, ...]
+# Operations: tagged tuples, so that marshal can carry them to the prebuild helper (it refuses
+# NamedTuples) and ``match`` can take them apart with full typing.
+Mkdir = tuple[Literal["mkdir"], str, int]  # path, mode
+Mkdirs = tuple[Literal["mkdirs"], str]  # create missing parents and the dir, never through a symlink
+Touch = tuple[Literal["touch"], str]  # an empty file to bind a file onto
+Symlink = tuple[Literal["symlink"], str, str]  # target, path
+MountOp = tuple[Literal["mount"], str | None, str, str | None, int, str | None]  # source, target, fstype, flags, data
+Cow = tuple[Literal["cow"], str, str, int, bool]  # lower, target, n, rootless: overlay, else a read-only bind
+BindRo = tuple[Literal["bind_ro"], str, str]  # source, target: recursive, read-only where the kernel lets us
+Bind = tuple[Literal["bind"], str, str]  # source, target: recursive and writable, a window onto the host
+Step = Mkdir | Mkdirs | Touch | Symlink | MountOp | Cow | BindRo | Bind
+Note = tuple[Literal["note"], str]  # something the plan already knows cannot be shown
+Optional_ = tuple[Literal["optional"], str, tuple[Step, ...]]  # host path, steps: skipped with a note if any fails
+Op = Step | Note | Optional_
+Plan = tuple[Op, ...]
 
 
 class RootfsError(Exception):
@@ -172,44 +175,46 @@ class PlanKey:
     rootfs: str | None  # an unpacked directory, or None for the host view
     rootless: bool
     network: bool
+    #: Host directories bound writable at their own path (the session's basetemp, for ``tmp_path``).
+    writable: tuple[str, ...] = ()
 
 
-def plan(layout: HostLayout, key: PlanKey) -> tuple[Op, ...]:
+def plan(layout: HostLayout, key: PlanKey) -> Plan:
     """The operations that assemble ``/newroot`` inside the scratch root; see :func:`apply`."""
-    ops: list[Op] = [(MKDIR, NEW, 0o755)]
+    ops: list[Op] = [("mkdir", NEW, 0o755)]
     counter = iter(range(1_000_000))
     covered: list[str] = []  # host paths the new root already shows at their own place
 
     if key.rootfs is None:
         if not key.rootless:
-            ops.append((COW, OLD, NEW, next(counter), False))
+            ops.append(("cow", OLD, NEW, next(counter), False))
             for m in sorted(layout.mounts, key=lambda m: m.mountpoint.count("/")):
                 mp = m.mountpoint
                 if mp == "/" or m.fstype in _PSEUDO_FS or any(_under(mp, "/" + t) for t in _SPECIAL_TOP):
                     continue
-                ops.append((OPTIONAL, mp, ((COW, OLD + mp, NEW + mp, next(counter), False),)))
+                ops.append(("optional", mp, (("cow", OLD + mp, NEW + mp, next(counter), False),)))
         else:
             # Overlayfs refuses a lower layer with locked submounts inside a user namespace,
             # so each top-level directory gets its own layer, or a read-only bind if it holds mounts.
             # The top level itself is a tmpfs: writable, throwaway, and a mount point for pivot_root.
-            ops.append((MOUNT, "tmpfs", NEW, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755"))
+            ops.append(("mount", "tmpfs", NEW, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755"))
             for name, kind, target in layout.top:
                 path = "/" + name
                 if kind == "symlink":
-                    ops.append((SYMLINK, target, NEW + path))
+                    ops.append(("symlink", target, NEW + path))
                 elif kind == "file":
-                    ops.append((OPTIONAL, path, ((TOUCH, NEW + path), (BIND_RO, OLD + path, NEW + path))))
+                    ops.append(("optional", path, (("touch", NEW + path), ("bind_ro", OLD + path, NEW + path))))
                 elif name in _SPECIAL_TOP:
                     continue
                 else:
-                    ops.append((MKDIR, NEW + path, 0o755))
+                    ops.append(("mkdir", NEW + path, 0o755))
                     has_submounts = any(_under(m.mountpoint, path) and m.mountpoint != path for m in layout.mounts)
-                    layer = (
-                        (BIND_RO, OLD + path, NEW + path)
+                    layer: Step = (
+                        ("bind_ro", OLD + path, NEW + path)
                         if has_submounts
-                        else (COW, OLD + path, NEW + path, next(counter), True)
+                        else ("cow", OLD + path, NEW + path, next(counter), True)
                     )
-                    ops.append((OPTIONAL, path, (layer,)))
+                    ops.append(("optional", path, (layer,)))
     else:
         # Mount points are made in the root's upper layer before the overlay goes up: through
         # the overlay, a user namespace's root may not write into directories that belong to
@@ -217,7 +222,7 @@ def plan(layout: HostLayout, key: PlanKey) -> tuple[Op, ...]:
         n = next(counter)
         upper = f"/.u{n}"
         prepared: list[Op] = []
-        later: list[Op] = [(COW, OLD + key.rootfs, NEW, n, key.rootless)]
+        later: list[Op] = [("cow", OLD + key.rootfs, NEW, n, key.rootless)]
 
         def mount_point(path: str, is_dir: bool) -> bool:
             parts = path.strip("/").split("/")
@@ -225,15 +230,15 @@ def plan(layout: HostLayout, key: PlanKey) -> tuple[Op, ...]:
             for index, part in enumerate(parts):
                 source = os.path.join(source, part)
                 if os.path.islink(source):
-                    later.append((NOTE, f"{path} is not available inside the container: {source} is a symlink"))
+                    later.append(("note", f"{path} is not available inside the container: {source} is a symlink"))
                     return False
                 if os.path.exists(source) and not os.path.isdir(source) and (index < len(parts) - 1 or is_dir):
-                    later.append((NOTE, f"{path} is not available inside the container: {source} is not a directory"))
+                    later.append(("note", f"{path} is not available inside the container: {source} is not a directory"))
                     return False
             if is_dir:
-                prepared.append((MKDIRS, upper + path))
+                prepared.append(("mkdirs", upper + path))
             else:
-                prepared.extend([(MKDIRS, upper + os.path.dirname(path)), (TOUCH, upper + path)])
+                prepared.extend([("mkdirs", upper + os.path.dirname(path)), ("touch", upper + path)])
             return True
 
         if not os.path.isdir(os.path.join(key.rootfs, "usr")):
@@ -243,65 +248,78 @@ def plan(layout: HostLayout, key: PlanKey) -> tuple[Op, ...]:
                     continue
                 covered.append("/" + name)
                 if kind == "symlink":
-                    later.append((SYMLINK, target, NEW + "/" + name))
+                    later.append(("symlink", target, NEW + "/" + name))
                 elif kind == "dir" and mount_point("/" + name, True):
-                    later.append((OPTIONAL, "/" + name, ((BIND_RO, OLD + "/" + name, NEW + "/" + name),)))
+                    later.append(("optional", "/" + name, (("bind_ro", OLD + "/" + name, NEW + "/" + name),)))
         for path, want_cow in layout.needed:
             if _under(path, "/tmp") or any(_under(path, c) for c in covered):
                 continue
             if mount_point(path, os.path.isdir(path)):
                 _expose(later, path, want_cow, key.rootless, counter)
+        for path in key.writable:
+            if not _under(path, "/tmp") and mount_point(path, True):
+                later.append(("bind", OLD + path, NEW + path))
         ops.extend(prepared)
         ops.extend(later)
 
-    ops.append((MKDIRS, NEW + "/proc"))
+    ops.append(("mkdirs", NEW + "/proc"))
     # /proc itself is mounted by PID 1 (mount_proc): it must show PID 1's own namespace.
     if key.rootfs is None:
-        ops.append((MKDIRS, NEW + "/sys"))
+        ops.append(("mkdirs", NEW + "/sys"))
         if key.rootless and key.network:
-            ops.append((BIND_RO, OLD + "/sys", NEW + "/sys"))
+            ops.append(("bind_ro", OLD + "/sys", NEW + "/sys"))
         else:
             ops.append(
-                (MOUNT, "sysfs", NEW + "/sys", "sysfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, None)
+                (
+                    "mount",
+                    "sysfs",
+                    NEW + "/sys",
+                    "sysfs",
+                    sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+                    None,
+                )
             )
     _dev(ops, layout)
-    ops.append((MKDIRS, NEW + "/tmp"))
-    ops.append((MOUNT, "tmpfs", NEW + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"))
+    ops.append(("mkdirs", NEW + "/tmp"))
+    ops.append(("mount", "tmpfs", NEW + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"))
     for path, want_cow in layout.needed:
         if _under(path, "/tmp"):
             _expose(ops, path, want_cow, key.rootless, counter)
+    for path in key.writable:
+        if key.rootfs is None or _under(path, "/tmp"):
+            ops.extend([("mkdirs", NEW + path), ("bind", OLD + path, NEW + path)])
     return tuple(ops)
 
 
 def _expose(ops: list[Op], path: str, want_cow: bool, rootless: bool, counter: Iterator[int]) -> None:
-    group: list[Op]
+    group: list[Step]
     if os.path.isdir(path):
-        group = [(MKDIRS, NEW + path)]
+        group = [("mkdirs", NEW + path)]
         if want_cow:
-            group.append((COW, OLD + path, NEW + path, next(counter), rootless))
+            group.append(("cow", OLD + path, NEW + path, next(counter), rootless))
         else:
-            group.append((BIND_RO, OLD + path, NEW + path))
+            group.append(("bind_ro", OLD + path, NEW + path))
     else:
-        group = [(MKDIRS, NEW + os.path.dirname(path)), (TOUCH, NEW + path), (BIND_RO, OLD + path, NEW + path)]
-    ops.append((OPTIONAL, path, tuple(group)))
+        group = [("mkdirs", NEW + os.path.dirname(path)), ("touch", NEW + path), ("bind_ro", OLD + path, NEW + path)]
+    ops.append(("optional", path, tuple(group)))
 
 
 def _dev(ops: list[Op], layout: HostLayout) -> None:
     dev = NEW + "/dev"
-    ops.append((MKDIRS, dev))
-    ops.append((MOUNT, "tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755"))
+    ops.append(("mkdirs", dev))
+    ops.append(("mount", "tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755"))
     for name in layout.dev_nodes:
-        ops.append((TOUCH, f"{dev}/{name}"))
-        ops.append((MOUNT, f"{OLD}/dev/{name}", f"{dev}/{name}", None, sc.MS_BIND, None))
-    ops.append((MKDIR, dev + "/pts", 0o755))
+        ops.append(("touch", f"{dev}/{name}"))
+        ops.append(("mount", f"{OLD}/dev/{name}", f"{dev}/{name}", None, sc.MS_BIND, None))
+    ops.append(("mkdir", dev + "/pts", 0o755))
     ops.append(
-        (MOUNT, "devpts", dev + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
+        ("mount", "devpts", dev + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
     )
-    ops.append((SYMLINK, "pts/ptmx", dev + "/ptmx"))
-    ops.append((MKDIR, dev + "/shm", 0o1777))
+    ops.append(("symlink", "pts/ptmx", dev + "/ptmx"))
+    ops.append(("mkdir", dev + "/shm", 0o1777))
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):  # fmt: skip
-        ops.append((SYMLINK, target, f"{dev}/{name}"))
+        ops.append(("symlink", target, f"{dev}/{name}"))
 
 
 # --- child side -------------------------------------------------------------------------------
@@ -355,59 +373,62 @@ def _bind_ro(source: str, target: str) -> None:
         raise
 
 
-def _do(op: Op) -> None:
-    code = op[0]
-    if code == MOUNT:
-        sc.mount(op[1], op[2], op[3], op[4], op[5])  # type: ignore[arg-type]
-    elif code == COW:
-        lower, target, n, rootless = op[1], op[2], op[3], op[4]
-        if not os.path.isdir(f"/.u{n}"):  # may already hold mount points made by the plan
-            os.mkdir(f"/.u{n}", 0o755)
-        os.mkdir(f"/.w{n}", 0o755)
-        try:
-            sc.mount("overlay", target, "overlay", 0, _overlay_data(lower, n, rootless))  # type: ignore[arg-type]
-        except OSError:
-            _bind_ro(lower, target)  # type: ignore[arg-type]
-    elif code == MKDIR:
-        os.mkdir(op[1], op[2])  # type: ignore[arg-type]
-        if op[2] != 0o755:
-            os.chmod(op[1], op[2])  # type: ignore[arg-type]
-    elif code == MKDIRS:
-        _mkdirs(op[1])  # type: ignore[arg-type]
-    elif code == TOUCH:
-        if not os.path.lexists(op[1]):  # type: ignore[arg-type]
-            os.close(os.open(op[1], os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))  # type: ignore[arg-type]
-    elif code == SYMLINK:
-        if not os.path.lexists(op[2]):  # type: ignore[arg-type]
-            os.symlink(op[1], op[2])  # type: ignore[arg-type]
-    elif code == BIND_RO:
-        _bind_ro(op[1], op[2])  # type: ignore[arg-type]
-    else:  # pragma: no cover - plans come from plan() only
-        raise RootfsError(f"unknown operation {code!r}")
+def _cow(lower: str, target: str, n: int, rootless: bool) -> None:
+    if not os.path.isdir(f"/.u{n}"):  # may already hold mount points made by the plan
+        os.mkdir(f"/.u{n}", 0o755)
+    os.mkdir(f"/.w{n}", 0o755)
+    try:
+        sc.mount("overlay", target, "overlay", 0, _overlay_data(lower, n, rootless))
+    except OSError:
+        _bind_ro(lower, target)
 
 
-def apply(ops: tuple[Op, ...]) -> list[str]:
+def _do(step: Step) -> None:
+    match step:
+        case ("mount", source, target, fstype, flags, data):
+            sc.mount(source, target, fstype, flags, data)
+        case ("cow", lower, target, n, rootless):
+            _cow(lower, target, n, rootless)
+        case ("mkdir", path, mode):
+            os.mkdir(path, mode)
+            if mode != 0o755:
+                os.chmod(path, mode)
+        case ("mkdirs", path):
+            _mkdirs(path)
+        case ("touch", path):
+            if not os.path.lexists(path):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+        case ("symlink", target, path):
+            if not os.path.lexists(path):
+                os.symlink(target, path)
+        case ("bind_ro", source, target):
+            _bind_ro(source, target)
+        case ("bind", source, target):
+            sc.mount(source, target, None, sc.MS_BIND | sc.MS_REC)
+
+
+def apply(ops: Plan) -> list[str]:
     """Replay a plan inside the scratch root.
 
-    An ``OPTIONAL`` group that fails is skipped with a note (a host mount we
+    An ``optional`` group that fails is skipped with a note (a host mount we
     cannot show is no reason to fail the test); any other failure is fatal.
     """
     notes: list[str] = []
     for op in ops:
-        if op[0] == NOTE:
-            notes.append(op[1])  # type: ignore[arg-type]
-            continue
-        if op[0] == OPTIONAL:
-            try:
-                for inner in op[2]:  # type: ignore[attr-defined]
-                    _do(inner)
-            except (OSError, RootfsError) as exc:
-                notes.append(f"{op[1]} is not available inside the container: {exc}")
-            continue
-        try:
-            _do(op)
-        except (OSError, RootfsError) as exc:
-            raise RootfsError(f"building the container root failed at {op[0]} {op[1:]!r}: {exc}") from exc
+        match op:
+            case ("note", text):
+                notes.append(text)
+            case ("optional", host_path, steps):
+                try:
+                    for step in steps:
+                        _do(step)
+                except (OSError, RootfsError) as exc:
+                    notes.append(f"{host_path} is not available inside the container: {exc}")
+            case _:
+                try:
+                    _do(op)
+                except (OSError, RootfsError) as exc:
+                    raise RootfsError(f"building the container root failed at {op[0]} {op[1:]!r}: {exc}") from exc
     return notes
 
 

@@ -1,8 +1,12 @@
-"""The parent's side of one container: fork it, read its frames, reap it.
+"""The parent's side of a container: fork it, read its frames, reap it.
 
-Kept apart from the pytest hooks so the process handling (PID namespaces,
-deadlines, kills, zombies) reads as one piece and the plugin only deals with
-reports.
+:class:`Engine` is the engine's front door: ``run(spec, body, on_frame)``
+runs ``body`` as PID 1 of a container built from ``spec``, hands every
+non-terminal frame to ``on_frame`` as it arrives, and returns how the
+container ended.  It owns the per-process resources that make that fast:
+a PID-namespace fd (one fork instead of two), the diagnostics memfd, and the
+prebuild helper that assembles the next container's namespaces while the
+current one runs.
 """
 
 from __future__ import annotations
@@ -17,29 +21,41 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-from .sandbox import _syscalls as sc
-from . import child
-from .sandbox import protocol
+from . import _syscalls as sc
+from . import init, process, protocol
+from .pool import NamespacePool
+from .spec import Body, ContainerSpec
 
 #: Seconds between the child's traceback dump at the timeout and the parent's SIGKILL.
 TIMEOUT_GRACE: Final = 0.5
 _F_SETPIPE_SZ: Final = 1031
 _PIPE_SIZE: Final = 1 << 20
 
+#: How a container ended.  "aborted" is set by the caller when it was itself interrupted while
+#: waiting (pytest-timeout's alarm); the engine never sets it.
+OutcomeKind = Literal["done", "exit", "interrupt", "error", "crashed", "timeout", "aborted"]
+_TERMINAL_KINDS: Final[dict[protocol.Kind, OutcomeKind]] = {
+    protocol.Kind.DONE: "done",
+    protocol.Kind.EXIT: "exit",
+    protocol.Kind.INTERRUPT: "interrupt",
+    protocol.Kind.ERROR: "error",
+}
+
+#: Receives each non-terminal frame as it arrives.
+OnFrame = Callable[[protocol.Kind, Any], None]
+
 
 @dataclasses.dataclass
 class Outcome:
     """How a container ended, as far as the parent could see."""
 
-    #: "done", "exit", "interrupt", "error", "crashed" or "timeout"; the runner adds "aborted"
-    #: when the parent itself was interrupted while waiting (pytest-timeout's alarm).
-    kind: str
+    kind: OutcomeKind
     host_pid: int = 0
     #: ``os.waitstatus_to_exitcode`` of the process we forked (negative: killed by that signal); None if not reaped yet.
     exitstatus: int | None = None
-    #: EXIT: (msg, returncode); ERROR: message.
+    #: EXIT: (msg, returncode); ERROR: message; crashed: what went wrong with the stream, if anything.
     payload: Any = None
     #: What faulthandler wrote inside (fatal signal or timeout traceback).
     diag: str = ""
@@ -58,24 +74,40 @@ def describe_status(status: int | None) -> str:
     return f"container exited with status {status}"
 
 
-class Launcher:
-    """Forks containers for one pytest process and keeps track of their PIDs until reaped."""
+class Engine:
+    """Makes containers for one process and keeps track of their PIDs until reaped."""
 
-    def __init__(self, rootless: bool) -> None:
+    def __init__(self, rootless: bool, prebuild: bool = True) -> None:
         self.rootless = rootless
         self._pidns_fd = -1 if rootless else os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self._diag_fd = os.memfd_create("lonely-diag", os.MFD_CLOEXEC)
         self._unreaped: list[int] = []
-        # gc.unfreeze() thaws everything: if the user froze objects before the first isolated test
+        # gc.unfreeze() thaws everything: if the user froze objects before the first container
         # (their own fork-friendliness), keep all frozen rather than undo their freeze.
         self._thaw = gc.get_freeze_count() == 0
+        # Only root mode prebuilds: a rootless container's namespaces belong to its user namespace,
+        # which exists only once the container does.
+        self._want_pool = prebuild and not rootless
+        self._pool: NamespacePool | None = None
+
+    def pool(self) -> NamespacePool | None:
+        if self._pool is None and self._want_pool:
+            self._pool = NamespacePool()
+        return self._pool if self._pool is not None and self._pool.broken is None else None
 
     def close(self) -> None:
         self.reap(block=True)
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         for fd in (self._pidns_fd, self._diag_fd):
             if fd >= 0:
                 os.close(fd)
         self._pidns_fd = self._diag_fd = -1
+
+    @property
+    def unreaped(self) -> bool:
+        return bool(self._unreaped)
 
     def reap(self, block: bool = False) -> None:
         """Collect finished containers; with ``block``, wait for all of them."""
@@ -89,16 +121,11 @@ class Launcher:
                 still.append(pid)
         self._unreaped = still
 
-    def run(
-        self,
-        make_launch: Callable[[int, int], child.Launch],
-        on_frame: Callable[[str, Any], None],
-        timeout: float,
-        need_status: bool,
-        after_fork: Callable[[], None] | None = None,
-    ) -> Outcome:
-        """Run one container to its end, feeding report and warning frames to ``on_frame`` as they arrive."""
+    def run(self, spec: ContainerSpec, body: Body, on_frame: OnFrame, need_status: bool = False) -> Outcome:
+        """Run ``body`` as PID 1 of a container built from ``spec``, to its end."""
         self.reap()
+        pool = self.pool()
+        prepared = pool.take(spec.plan_key) if pool is not None else None
         read_fd, write_fd = os.pipe()
         try:
             fcntl.fcntl(write_fd, _F_SETPIPE_SZ, _PIPE_SIZE)
@@ -106,40 +133,54 @@ class Launcher:
             pass
         os.ftruncate(self._diag_fd, 0)
         os.lseek(self._diag_fd, 0, os.SEEK_SET)
-        launch = make_launch(write_fd, self._diag_fd)
+        launch = init.Launch(
+            spec=spec,
+            body=body,
+            uid=os.getuid(),
+            gid=os.getgid(),
+            parent_pid=os.getpid(),
+            write_fd=write_fd,
+            diag_fd=self._diag_fd,
+            joins=prepared.joins if prepared is not None else (),
+            notes=prepared.notes if prepared is not None else (),
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         pid = self._fork(launch, read_fd)
         os.close(write_fd)
-        if after_fork is not None:
-            after_fork()
+        # The child holds its own references now; build the next container's while this one runs.
+        if prepared is not None:
+            prepared.close()
+        if pool is not None:
+            pool.prefetch(spec.plan_key, spec.plan)
         start = time.monotonic()
         outcome = Outcome("crashed", host_pid=0 if self.rootless else pid)
+        deadline = start + spec.timeout + TIMEOUT_GRACE if spec.timeout else None
         try:
-            self._read(read_fd, outcome, on_frame, start + timeout + TIMEOUT_GRACE if timeout else None)
+            self._read(read_fd, outcome, on_frame, deadline)
         except BaseException:
-            self._kill(pid, outcome.host_pid)
+            process.kill(pid, outcome.host_pid)
             os.waitpid(pid, 0)
             raise
         finally:
             os.close(read_fd)
         outcome.elapsed = time.monotonic() - start
         if outcome.kind == "timeout":
-            self._kill(pid, outcome.host_pid)
+            process.kill(pid, outcome.host_pid)
         if outcome.kind in ("crashed", "timeout", "error") or need_status:
             _, status = os.waitpid(pid, 0)
             outcome.exitstatus = os.waitstatus_to_exitcode(status)
         else:
-            # Namespace teardown happens as the child exits; nobody needs to wait for it.
+            # Namespace teardown happens as the child exits; nobody needs to wait for it here.
             self._unreaped.append(pid)
         if outcome.kind in ("crashed", "timeout"):
             size = os.fstat(self._diag_fd).st_size
             outcome.diag = os.pread(self._diag_fd, size, 0).decode("utf-8", "replace") if size else ""
-            if outcome.kind == "crashed" and timeout and outcome.diag.startswith("Timeout ("):
+            if outcome.kind == "crashed" and spec.timeout and outcome.diag.startswith("Timeout ("):
                 outcome.kind = "timeout"
         return outcome
 
-    def _fork(self, launch: child.Launch, read_fd: int) -> int:
+    def _fork(self, launch: init.Launch, read_fd: int) -> int:
         # Frozen objects stay out of the child's GC, which would otherwise write-fault on pages all
         # over the heap.  gc.freeze() and gc.unfreeze() are O(1); gc.get_freeze_count() walks the
         # whole frozen list, so it is asked once, in __init__ (70 instead of 17 ms per test with
@@ -156,13 +197,13 @@ class Launcher:
                     sc.setns(self._pidns_fd, sc.CLONE_NEWPID)
             if pid == 0:
                 os.close(read_fd)
-                child.main(launch)
+                init.main(launch)
         finally:
             if self._thaw:
                 gc.unfreeze()
         return pid
 
-    def _read(self, fd: int, outcome: Outcome, on_frame: Callable[[str, Any], None], deadline: float | None) -> None:
+    def _read(self, fd: int, outcome: Outcome, on_frame: OnFrame, deadline: float | None) -> None:
         reader = protocol.FrameReader()
         poller = select.poll()
         poller.register(fd, select.POLLIN)
@@ -190,19 +231,12 @@ class Launcher:
                 outcome.payload = f"garbled message from the container: {exc}"
                 return
             for kind, payload in frames:
-                if kind == protocol.HELLO:
-                    outcome.host_pid = int(payload["host_pid"])
-                elif kind in (protocol.DONE, protocol.EXIT, protocol.INTERRUPT, protocol.ERROR):
-                    outcome.kind = kind
+                terminal = _TERMINAL_KINDS.get(kind)
+                if terminal is not None:
+                    outcome.kind = terminal
                     outcome.payload = payload
                     return
+                if kind is protocol.Kind.HELLO:
+                    outcome.host_pid = int(payload["host_pid"])
                 else:
                     on_frame(kind, payload)
-
-    def _kill(self, pid: int, host_pid: int) -> None:
-        # PID 1 ignores every signal it has no handler for; only SIGKILL is certain.
-        for target in {pid, host_pid} - {0}:
-            try:
-                os.kill(target, signal.SIGKILL)
-            except ProcessLookupError:
-                pass

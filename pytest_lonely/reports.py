@@ -1,0 +1,162 @@
+"""The reports of one isolated test, as the parent logs them.
+
+Reports made in the child arrive over the pipe and are logged as they come.
+Whatever the child could not report (it crashed, timed out, or was never
+started) is made here, through ``pytest_runtest_makereport`` so that xfail
+and friends apply, and reruns are marked the way pytest-rerunfailures marks
+them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Final, Literal
+
+import pytest
+
+from . import _pytest_compat as compat
+from .sandbox.launcher import Outcome, describe_status
+
+Phase = Literal["setup", "call", "teardown"]
+
+
+class Reporter:
+    """Logs the reports of one attempt at one isolated test."""
+
+    def __init__(self, item: pytest.Item, attempt: int, may_rerun: bool) -> None:
+        self.item = item
+        self.attempt = attempt
+        self.may_rerun = may_rerun
+        self.rerunning = False
+        self.seen: dict[str, pytest.TestReport] = {}
+        #: The child's teardown report: the parent may still add its own teardown to it.
+        self.held_teardown: pytest.TestReport | None = None
+
+    def log(self, report: pytest.TestReport) -> None:
+        # The item's own phase reports decide which phase is missing after a crash; a subtest's
+        # report (a subclass) or another plugin's is only passed on.
+        own = type(report) is pytest.TestReport and report.nodeid == self.item.nodeid
+        if own and report.when == "teardown":
+            self.held_teardown = report
+            return
+        if own:
+            self.seen[report.when or ""] = report
+        self._log(report)
+
+    def _log(self, report: pytest.TestReport) -> None:
+        if self.attempt or self.may_rerun:
+            report.rerun = self.attempt  # type: ignore[attr-defined]
+            if report.failed and (self.rerunning or (self.may_rerun and not hasattr(report, "wasxfail"))):
+                report.outcome = "rerun"  # type: ignore[assignment]
+                self.rerunning = True
+        self.item.ihook.pytest_runtest_logreport(report=report)
+
+    def make(self, call: pytest.CallInfo[None]) -> pytest.TestReport:
+        """A report made in the parent, through the hook so that xfail and friends apply.
+
+        Some plugins keep per-item state that their own setup-phase hook
+        creates, and that state only exists in the child; if such a plugin
+        fails on a report we make here, pytest's own report stands in.
+        """
+        try:
+            report: pytest.TestReport = self.item.ihook.pytest_runtest_makereport(item=self.item, call=call)
+        except Exception:
+            report = pytest.TestReport.from_item_and_call(self.item, call)
+        return report
+
+    def fail(self, when: Phase, message: str, skip: bool = False) -> pytest.TestReport:
+        def raise_() -> None:
+            if skip:  # reported at the test's own location, not at this line
+                raise pytest.skip.Exception(message, _use_item_location=True)
+            pytest.fail(message, pytrace=False)
+
+        return self.make(pytest.CallInfo.from_call(raise_, when=when))
+
+    def conclude(self, outcome: Outcome, timeout: float, capman: Any) -> None:
+        """Act on how the container ended: re-raise an exit, or make the missing phase's report."""
+        if outcome.kind == "exit":
+            msg, returncode = outcome.payload
+            pytest.exit(msg, returncode)
+        if outcome.kind == "interrupt":
+            raise KeyboardInterrupt
+        if outcome.kind == "done":
+            return
+        if outcome.kind in ("error", "aborted"):
+            message = str(outcome.payload)
+        elif outcome.kind == "timeout":
+            unit = "second" if timeout == 1 else "seconds"
+            message = f"Timeout: the test timed out after {timeout:g} {unit}; its whole container was killed"
+        else:
+            message = describe_status(outcome.exitstatus)
+            if outcome.payload:
+                message += f"; {outcome.payload}"
+        if outcome.diag:
+            message += "\n\n" + trim_traceback(outcome.diag)
+        phase = self.missing_phase()
+        if phase == "teardown" and self.held_teardown is not None:
+            return  # the teardown report arrived complete; whatever killed the container came after
+        if capman is not None:
+            out, err = capman.read_global_capture()
+            if out:
+                self.item.add_report_section(phase, "stdout", out)
+            if err:
+                self.item.add_report_section(phase, "stderr", err)
+        if phase == "call":
+            compat.ensure_xfail_evaluated(self.item)
+        report = self.fail(phase, message)
+        report.duration = outcome.elapsed
+        if phase == "teardown":
+            self.held_teardown = report
+        else:
+            self.log(report)
+
+    def missing_phase(self) -> Phase:
+        setup = self.seen.get("setup")
+        if setup is None:
+            return "setup"
+        if setup.passed and "call" not in self.seen and not self.item.config.getoption("setuponly", False):
+            return "call"
+        return "teardown"
+
+    def teardown(self, call: pytest.CallInfo[None]) -> pytest.TestReport:
+        """Log the one teardown report: the child's, with the parent's own teardown merged into it."""
+        held = self.held_teardown
+        if held is None or (call.excinfo is not None and held.passed):
+            report = self.make(call)
+        else:
+            report = held
+            for when, key, content in compat.report_sections(self.item):
+                section = (f"Captured {key} {when}", content)
+                if when == "teardown" and section not in report.sections:
+                    report.sections.append(section)
+        self._log(report)
+        return report
+
+
+_INTERNAL_FRAMES: Final = (
+    "/_pytest/",
+    "/pluggy/",
+    f"{os.sep}pytest_lonely{os.sep}",
+    "<frozen runpy>",
+    "/pytest/__main__.py",
+)
+
+
+def trim_traceback(text: str) -> str:
+    """Cut a faulthandler dump at the first pytest, pluggy or pytest-lonely frame.
+
+    faulthandler prints the innermost frame first, so what comes after the
+    test's own frames is only the machinery that called it.
+    """
+    kept: list[str] = []
+    cut = False
+    for line in text.rstrip().splitlines():
+        if line.startswith("  File ") and any(marker in line for marker in _INTERNAL_FRAMES):
+            cut = True
+            continue
+        if cut and line.startswith("  File "):
+            continue
+        if not line.startswith("  "):
+            cut = False
+        kept.append(line)
+    return "\n".join(kept)

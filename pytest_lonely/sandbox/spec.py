@@ -1,0 +1,44 @@
+"""What the engine needs to know to build one container, decided by the caller before the fork."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from . import namespaces, protocol, rootfs
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerSpec:
+    """One container, fully decided: the child does no planning."""
+
+    hostname: str
+    rootless: bool
+    network: bool
+    plan_key: rootfs.PlanKey
+    plan: rootfs.Plan
+    #: Seconds before the whole container is killed; 0 means never.
+    timeout: float
+    #: Where PID 1 starts, if that path exists inside; else ``/``.
+    cwd: str
+    #: Set in ``os.environ`` inside, over the inherited values (an image's ``Env``).
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def namespaces(self) -> frozenset[str]:
+        return namespaces.for_container(rootless=self.rootless, network=self.network)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inside:
+    """What the callable running as PID 1 is given."""
+
+    send: protocol.Sender
+    #: PID 1 as the host sees it.
+    host_pid: int
+    #: What the root filesystem could not show, for the caller to warn about.
+    notes: tuple[str, ...]
+
+
+#: The work a container does, as its PID 1.  Returning ends the container normally.
+Body = Callable[[Inside], None]
