@@ -214,9 +214,9 @@ def open_image(reference: str | Path, cache_root: Path, *, base: Path | None = N
     path, tag = split_reference(reference, base)
     try:
         resolved = path.resolve()
-        st = (resolved / "index.json").stat() if resolved.is_dir() else resolved.stat()
-        if resolved.is_dir() and not (resolved / "oci-layout").exists():
-            st = (resolved / "manifest.json").stat()
+        # For a directory, its top file stands for it: tools rewrite index.json / manifest.json on every change.
+        top = [resolved / n for n in ("index.json", "manifest.json") if (resolved / n).is_file()]
+        st = (top[0] if top else resolved).stat()
     except (OSError, RuntimeError) as exc:
         raise ImageError(f"image '{reference}': '{path}' cannot be read: {_describe(exc)}") from exc
     memo_key = (str(resolved), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, tag, str(cache_root))
