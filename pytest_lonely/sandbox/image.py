@@ -904,9 +904,15 @@ def _merged_root(
             raise ImageError(f"{what}: cannot build the root in '{directory}': {exc}") from exc
         try:
             tmp.chmod(0o755)
+            modes: dict[Path, os.stat_result] = {}
             for layer_dir in layer_dirs:
                 meta = json.loads((layer_dir / "meta.json").read_text())
-                _apply_layer(layer_dir / "fs", tmp, meta["whiteouts"], meta["opaque"])
+                _apply_layer(layer_dir / "fs", tmp, meta["whiteouts"], meta["opaque"], modes)
+            # Directory modes last and deepest first: a read-only directory of a lower layer must not stop an
+            # unprivileged caller from adding the upper layers' entries to it.
+            for path in sorted(modes, key=lambda p: len(p.parts), reverse=True):
+                if os.path.lexists(path) and stat.S_ISDIR(os.lstat(path).st_mode):
+                    _copy_meta(modes[path], path)
             os.rename(tmp, dest)
         except (OSError, ValueError, KeyError) as exc:
             _remove_tree(tmp)
@@ -943,7 +949,9 @@ def _remove(path: Path) -> None:
         os.unlink(path)
 
 
-def _apply_layer(fs: Path, root: Path, whiteouts: Sequence[str], opaque: Sequence[str]) -> None:
+def _apply_layer(
+    fs: Path, root: Path, whiteouts: Sequence[str], opaque: Sequence[str], modes: dict[Path, os.stat_result]
+) -> None:
     """Apply one changeset the way overlayfs shows it: whiteouts and opaque dirs hide lower entries first, then
     the layer's entries are added (a directory merges into a lower directory, anything else replaces)."""
     for rel in opaque:
@@ -955,10 +963,10 @@ def _apply_layer(fs: Path, root: Path, whiteouts: Sequence[str], opaque: Sequenc
         parent = _real_dir(root, posixpath.dirname(rel))
         if parent is not None:
             _remove(parent / posixpath.basename(rel))
-    _merge_dir(fs, root, is_root=True)
+    _merge_dir(fs, root, modes, is_root=True)
 
 
-def _merge_dir(src: Path, dst: Path, *, is_root: bool = False) -> None:
+def _merge_dir(src: Path, dst: Path, modes: dict[Path, os.stat_result], *, is_root: bool = False) -> None:
     st = os.lstat(src)
     if not is_root:
         try:
@@ -968,13 +976,13 @@ def _merge_dir(src: Path, dst: Path, *, is_root: bool = False) -> None:
                 os.mkdir(dst)
         except FileNotFoundError:
             os.mkdir(dst)
-    _copy_meta(st, dst)
+    modes[dst] = st  # the topmost layer's directory wins, as in overlayfs
     with os.scandir(src) as entries:
         for entry in entries:
             child_st = entry.stat(follow_symlinks=False)
             target = dst / entry.name
             if stat.S_ISDIR(child_st.st_mode):
-                _merge_dir(Path(entry.path), target)
+                _merge_dir(Path(entry.path), target, modes)
                 continue
             if stat.S_ISCHR(child_st.st_mode) and child_st.st_rdev == 0:
                 continue  # an overlayfs whiteout, already applied from meta.json
