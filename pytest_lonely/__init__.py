@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .container import Container
 from .errors import LonelyWarning
+from .sandbox.cgroup import Limits, Usage
 
 __version__ = "0.1.0"
-__all__ = ["Container", "LonelyWarning", "__version__"]
+__all__ = ["Container", "Limits", "LonelyWarning", "Usage", "__version__"]

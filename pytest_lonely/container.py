@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from .sandbox.cgroup import Limits
+
 
 @dataclasses.dataclass(frozen=True)
 class Container:
@@ -29,3 +31,5 @@ class Container:
     rootfs: Path | None
     #: Seconds before the whole container is killed; 0 means never.
     timeout: float = 0.0
+    #: The cgroup limits that apply (memory in bytes, pids, cpus); ``None`` fields are unlimited.
+    limits: Limits = Limits()

@@ -94,6 +94,31 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         )
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """``--lonely-usage=N``: the isolated tests that used the most memory, as ``--durations`` lists the slowest."""
+    state = config.stash.get(SESSION_KEY, None)
+    if state is None or state.options.usage is None:
+        return
+    count = state.options.usage
+    terminalreporter.write_sep("=", f"{'all' if count == 0 else f'top {count}'} isolated tests by peak memory")
+    why = state.usage_unavailable()
+    if why is not None:
+        terminalreporter.write_line(f"lonely: usage cannot be measured here: {why}")
+        return
+    rows = sorted(state.usage.items(), key=lambda row: -(row[1].memory_peak or 0))
+    if count:
+        rows = rows[:count]
+    if not rows:
+        terminalreporter.write_line("no isolated test ran")
+        return
+    terminalreporter.write_line(f"{'peak MiB':>9} {'CPU s':>8} {'procs':>6}  test")
+    for nodeid, used in rows:
+        memory = "n/a" if used.memory_peak is None else f"{used.memory_peak / 2**20:.1f}"
+        cpu = "n/a" if used.cpu_seconds is None else f"{used.cpu_seconds:.3f}"
+        procs = "n/a" if used.pids_peak is None else str(used.pids_peak)
+        terminalreporter.write_line(f"{memory:>9} {cpu:>8} {procs:>6}  {nodeid}")
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     state = config.stash[SESSION_KEY]
     if state.disabled is not None:

@@ -16,7 +16,7 @@ from typing import Final
 import pytest
 
 from .container import Container
-from .sandbox import archive
+from .sandbox import archive, cgroup
 from .sandbox.spec import ContainerSpec
 from .session import SESSION_KEY, Session
 from .settings import MARKER, SettingError, Spec
@@ -67,7 +67,18 @@ def prepare(item: pytest.Item) -> Ready | Refused:
     key, plan = state.plan(root, spec.network, tmp=any(name in fixturenames for name in _TMP_FIXTURES))
     cid = os.urandom(6).hex()
     hostname = spec.hostname or cid
+    limits = spec.limits
+    if limits:
+        why = cgroup.manager().why_not(limits)
+        if why is not None:
+            asked = ", ".join(
+                f"{name}={getattr(spec, name)!r} from {spec.origin(name)}"
+                for name in ("memory", "pids", "cpus")
+                if getattr(spec, name) is not None
+            )
+            return Refused(f"{asked}: cannot limit the container: {why}")
     engine_spec = ContainerSpec(
+        id=cid,
         hostname=hostname,
         rootless=state.rootless,
         network=spec.network,
@@ -75,6 +86,8 @@ def prepare(item: pytest.Item) -> Ready | Refused:
         plan=plan,
         timeout=spec.timeout,
         cwd=os.getcwd(),
+        limits=limits,
+        usage=state.measure_usage(),
     )
     container = Container(
         id=cid,
@@ -84,6 +97,7 @@ def prepare(item: pytest.Item) -> Ready | Refused:
         rootless=state.rootless,
         rootfs=spec.rootfs,
         timeout=spec.timeout,
+        limits=limits,
     )
     _note_lost_results(item, state)
     return Ready(spec, container, engine_spec)

@@ -15,6 +15,7 @@ from typing import Any, Final, Literal
 import pytest
 
 from . import _pytest_compat as compat
+from .sandbox.cgroup import format_bytes
 from .sandbox.launcher import Outcome, describe_status
 
 Phase = Literal["setup", "call", "teardown"]
@@ -72,7 +73,7 @@ class Reporter:
 
         return self.make(pytest.CallInfo.from_call(raise_, when=when))
 
-    def conclude(self, outcome: Outcome, timeout: float, capman: Any) -> None:
+    def conclude(self, outcome: Outcome, timeout: float, memory: int | None, capman: Any) -> None:
         """Act on how the container ended: re-raise an exit, or make the missing phase's report."""
         if outcome.kind == "exit":
             msg, returncode = outcome.payload
@@ -86,6 +87,8 @@ class Reporter:
         elif outcome.kind == "timeout":
             unit = "second" if timeout == 1 else "seconds"
             message = f"Timeout: the test timed out after {timeout:g} {unit}; its whole container was killed"
+        elif outcome.oom_killed and memory is not None:
+            message = f"container killed by the kernel's OOM killer: memory limit {format_bytes(memory)} reached"
         else:
             message = describe_status(outcome.exitstatus)
             if outcome.payload:

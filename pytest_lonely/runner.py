@@ -88,7 +88,9 @@ class IsolatedRun:
             )
         finally:
             self._suspend_capture()
-        self.reporter.conclude(outcome, ready.spec.timeout, self.capman)
+        if outcome.usage is not None:
+            self.state.usage[item.nodeid] = outcome.usage
+        self.reporter.conclude(outcome, ready.spec.timeout, ready.spec.memory, self.capman)
         self.teardown()
         compat.forget_request(item)
         hook(

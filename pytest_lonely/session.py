@@ -7,6 +7,7 @@ fds, the host layout and the mount plan for each distinct configuration.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -16,7 +17,7 @@ from typing import Final
 import pytest
 
 from . import _pytest_compat as compat
-from .sandbox import archive, probe, rootfs
+from .sandbox import archive, cgroup, probe, rootfs
 from .sandbox.launcher import Engine
 from .settings import RunOptions, Spec
 
@@ -33,6 +34,8 @@ class Session:
     disabled: str | None = compat.UNSUPPORTED
     #: Tests whose results a plugin keeps in-process and that the container could not hand back, by plugin.
     lost_results: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: What each isolated test used, for ``--lonely-usage``.
+    usage: dict[str, cgroup.Usage] = dataclasses.field(default_factory=dict)
     _availability: probe.Availability | None = None
     _engine: Engine | None = None
     _layout: rootfs.HostLayout | None = None
@@ -86,6 +89,15 @@ class Session:
             self._unpacked[path] = unpacked
         return unpacked
 
+    def measure_usage(self) -> bool:
+        """Whether containers get a cgroup just to measure them: ``--lonely-usage`` where that can be done."""
+        return self.options.usage is not None and self.usage_unavailable() is None
+
+    def usage_unavailable(self) -> str | None:
+        if self.options.usage is None:
+            return None
+        return cgroup.manager().why_not(cgroup.Limits(), usage=True)
+
     def reap(self) -> None:
         """Wait for every finished container, so no test ever sees one of ours as its child."""
         if self._engine is not None and self._engine.unreaped:
@@ -95,6 +107,8 @@ class Session:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+            with contextlib.suppress(cgroup.CgroupError, OSError):  # nothing of ours stays behind
+                cgroup.manager().cleanup()
 
 
 SESSION_KEY: Final = pytest.StashKey[Session]()

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from .sandbox import cgroup
+
 MARKER: Final = "isolated"
 
 TARBALL_SUFFIXES: Final = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -139,6 +141,30 @@ def _rootfs(value: object, source: Source) -> Path | None:
     return path
 
 
+def _limit(parse: Callable[[Any], Any]) -> Parse:
+    """A cgroup limit: ``None`` (marker) or ``none`` (command line, ini) means no limit, which lifts one set wider."""
+
+    def parse_limit(value: object, source: Source) -> Any:
+        if value is None and source.kind == "marker":
+            return None
+        if isinstance(value, str) and value.strip().lower() == "none" and source.kind != "marker":
+            return None
+        try:
+            return parse(value)
+        except ValueError as exc:
+            lift = "None" if source.kind == "marker" else "'none'"
+            raise SettingError(f"{exc}; or {lift} for no limit") from None
+
+    return parse_limit
+
+
+def _usage(value: object, source: Source) -> int | None:
+    text = str(value).strip()
+    if not text.isdigit():
+        raise SettingError("must be a whole number of tests to show, 0 for all")
+    return int(text)
+
+
 def _flag(value: object, source: Source) -> bool:
     if isinstance(value, bool):
         return value
@@ -197,11 +223,43 @@ class Spec:
         marker="network=None",
         help="host: share the host's network (default); none: own network namespace with only lo",
     )
+    memory: int | None = setting(
+        None,
+        parse=_limit(cgroup.parse_memory),
+        cli="--lonely-memory",
+        ini="lonely_memory",
+        metavar="SIZE",
+        marker="memory=None",
+        help="memory limit of the whole container (bytes, or with K, M or G: binary units), swap included; "
+        "none for no limit (default: none)",
+    )
+    pids: int | None = setting(
+        None,
+        parse=_limit(cgroup.parse_pids),
+        cli="--lonely-pids",
+        ini="lonely_pids",
+        metavar="N",
+        marker="pids=None",
+        help="most processes (and threads) the container may have at once; none for no limit (default: none)",
+    )
+    cpus: float | None = setting(
+        None,
+        parse=_limit(cgroup.parse_cpus),
+        cli="--lonely-cpus",
+        ini="lonely_cpus",
+        metavar="CPUS",
+        marker="cpus=None",
+        help="CPU time per wall-clock second, in CPUs (1.5: one and a half); none for no limit (default: none)",
+    )
     #: Where each non-default value came from, for errors found later (a corrupt tarball).
     origins: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def origin(self, name: str) -> str:
         return self.origins.get(name, "the default")
+
+    @property
+    def limits(self) -> cgroup.Limits:
+        return cgroup.Limits(memory=self.memory, pids=self.pids, cpus=self.cpus)
 
     def with_marker(self, args: tuple[object, ...], kwargs: Mapping[str, object], where: str, rootdir: Path) -> Spec:
         """Apply one ``isolated`` marker on top of these settings."""
@@ -240,6 +298,15 @@ class RunOptions:
         ini="lonely_unavailable",
         metavar="fail|skip",
         help="what isolated tests do where containers cannot be made (default: fail)",
+    )
+    usage: int | None = setting(
+        None,
+        parse=_usage,
+        cli="--lonely-usage",
+        ini="lonely_usage",
+        metavar="N",
+        help="at the end, show the N isolated tests with the highest peak memory, with their CPU time and "
+        "most processes (0: all)",
     )
 
 

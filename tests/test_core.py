@@ -134,7 +134,11 @@ def test_identity_pid_hostname_and_container_fixture(
 def test_marker_is_registered(run_lonely: RunLonely) -> None:
     result = run_lonely("--markers", timeout=60)
     assert result.ret == 0
-    result.stdout.fnmatch_lines(["@pytest.mark.isolated(hostname=None, rootfs=None, timeout=None, network=None):*"])
+    result.stdout.fnmatch_lines(
+        [
+            "@pytest.mark.isolated(hostname=None, rootfs=None, timeout=None, network=None, memory=None, pids=None, cpus=None):*"
+        ]
+    )
 
 
 def test_explicit_plugin_without_autoload_and_dash_s(

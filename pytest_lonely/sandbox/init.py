@@ -23,7 +23,7 @@ import traceback
 from typing import NoReturn
 
 from . import _syscalls as sc
-from . import namespaces, process, protocol, rootfs
+from . import cgroup, namespaces, process, protocol, rootfs
 from .spec import Body, ContainerSpec, Inside
 
 
@@ -42,6 +42,8 @@ class Launch:
     joins: tuple[tuple[int, int], ...] = ()
     #: What the prebuild could not show inside (as if the child had built the root itself).
     notes: tuple[str, ...] = ()
+    #: ``cgroup.procs`` of the container's cgroups, opened by the parent: entered before anything else.
+    cgroup_fds: tuple[int, ...] = ()
 
 
 def main(launch: Launch) -> NoReturn:
@@ -52,6 +54,7 @@ def main(launch: Launch) -> NoReturn:
             status = _rootless_middle(launch)
         else:
             host_pid = process.guard_parent(launch.parent_pid)
+            cgroup.enter(launch.cgroup_fds)  # before the test can fork anything
             if not launch.joins:
                 sc.unshare(namespaces.flags(launch.spec.namespaces - {"pid"}))  # the parent made the PID one
             status = _pid1(launch, host_pid)
@@ -85,6 +88,7 @@ def send_error(fd: int, exc: BaseException) -> None:
 def _rootless_middle(launch: Launch) -> int:
     """Rootless: enter a user namespace, map ourselves to root, then fork PID 1."""
     process.guard_parent(launch.parent_pid)
+    cgroup.enter(launch.cgroup_fds)  # PID 1 and everything it starts inherit it
     sc.unshare(namespaces.flags(launch.spec.namespaces))
     _write("/proc/self/uid_map", f"0 {launch.uid} 1\n")
     _write("/proc/self/setgroups", "deny\n")

@@ -11,6 +11,7 @@ current one runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, Final, Literal
 
 from . import _syscalls as sc
-from . import init, process, protocol
+from . import cgroup, init, process, protocol
 from .pool import NamespacePool
 from .spec import Body, ContainerSpec
 
@@ -60,6 +61,10 @@ class Outcome:
     #: What faulthandler wrote inside (fatal signal or timeout traceback).
     diag: str = ""
     elapsed: float = 0.0
+    #: The kernel's OOM killer acted in the container's cgroup.
+    oom_killed: bool = False
+    #: What the container used, when the spec asked for it.
+    usage: cgroup.Usage | None = None
 
 
 def describe_status(status: int | None) -> str:
@@ -124,6 +129,22 @@ class Engine:
     def run(self, spec: ContainerSpec, body: Body, on_frame: OnFrame, need_status: bool = False) -> Outcome:
         """Run ``body`` as PID 1 of a container built from ``spec``, to its end."""
         self.reap()
+        group = None
+        if spec.limits or spec.usage:
+            try:
+                group = cgroup.manager().create(spec.id, spec.limits, spec.usage)
+            except (cgroup.CgroupError, OSError) as exc:
+                return Outcome("error", payload=f"could not create the container's cgroup: {exc}")
+        try:
+            return self._run(spec, body, on_frame, need_status, group)
+        finally:
+            if group is not None:
+                with contextlib.suppress(cgroup.CgroupError):  # the session's cleanup tries again
+                    group.remove()
+
+    def _run(
+        self, spec: ContainerSpec, body: Body, on_frame: OnFrame, need_status: bool, group: cgroup.Cgroup | None
+    ) -> Outcome:
         pool = self.pool()
         prepared = pool.take(spec.plan_key) if pool is not None else None
         read_fd, write_fd = os.pipe()
@@ -133,6 +154,7 @@ class Engine:
             pass
         os.ftruncate(self._diag_fd, 0)
         os.lseek(self._diag_fd, 0, os.SEEK_SET)
+        cgroup_fds = tuple(group.attach_fds()) if group is not None else ()
         launch = init.Launch(
             spec=spec,
             body=body,
@@ -143,11 +165,16 @@ class Engine:
             diag_fd=self._diag_fd,
             joins=prepared.joins if prepared is not None else (),
             notes=prepared.notes if prepared is not None else (),
+            cgroup_fds=cgroup_fds,
         )
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = self._fork(launch, read_fd)
-        os.close(write_fd)
+        try:
+            pid = self._fork(launch, read_fd)
+        finally:
+            os.close(write_fd)
+            for fd in cgroup_fds:
+                os.close(fd)
         # The child holds its own references now; build the next container's while this one runs.
         if prepared is not None:
             prepared.close()
@@ -167,6 +194,13 @@ class Engine:
         outcome.elapsed = time.monotonic() - start
         if outcome.kind == "timeout":
             process.kill(pid, outcome.host_pid)
+        if group is not None:
+            # Measured before the kill; the cgroup is removed by run() once every process is gone.
+            if spec.usage:
+                outcome.usage = group.usage()
+            group.kill()
+            outcome.oom_killed = bool(spec.limits.memory) and group.oom_killed()
+            need_status = True
         if outcome.kind in ("crashed", "timeout", "error") or need_status:
             _, status = os.waitpid(pid, 0)
             outcome.exitstatus = os.waitstatus_to_exitcode(status)

@@ -6,12 +6,15 @@ import dataclasses
 from collections.abc import Callable
 
 from . import namespaces, protocol, rootfs
+from .cgroup import Limits
 
 
 @dataclasses.dataclass(frozen=True)
 class ContainerSpec:
     """One container, fully decided: the child does no planning."""
 
+    #: Unique in this run; names the container's cgroup.
+    id: str
     hostname: str
     rootless: bool
     network: bool
@@ -23,6 +26,10 @@ class ContainerSpec:
     cwd: str
     #: Set in ``os.environ`` inside, over the inherited values (an image's ``Env``).
     env: tuple[tuple[str, str], ...] = ()
+    #: cgroup limits of the whole container; empty: no cgroup unless ``usage``.
+    limits: Limits = Limits()
+    #: Measure peak memory, CPU time and processes in a cgroup of its own.
+    usage: bool = False
 
     @property
     def namespaces(self) -> frozenset[str]:
