@@ -136,7 +136,8 @@ def test_marker_is_registered(run_lonely: RunLonely) -> None:
     assert result.ret == 0
     result.stdout.fnmatch_lines(
         [
-            "@pytest.mark.isolated(hostname=None, rootfs=None, timeout=None, network=None, memory=None, pids=None, cpus=None):*"
+            "@pytest.mark.isolated(hostname=None, rootfs=None, timeout=None, network=None, "
+            "memory=None, pids=None, cpus=None):*"
         ]
     )
 
