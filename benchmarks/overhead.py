@@ -421,9 +421,9 @@ def median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def overheads(rows: dict[str, Row], chosen: list[str], tests: int) -> dict[str, float]:
-    """Each measured row's median ms/test minus its baseline's."""
-    medians = {name: m for name in chosen if (m := median_or_none(per_test(rows[name], tests))) is not None}
+def overheads(rows: dict[str, Row], chosen: list[str], tests: int, key: str = "wall") -> dict[str, float]:
+    """Each measured row's median ms/test (of wall or CPU time) minus its baseline's."""
+    medians = {name: m for name in chosen if (m := median_or_none(per_test(rows[name], tests, key))) is not None}
     return {
         name: medians[name] - medians[rows[name].baseline]
         for name in medians
@@ -598,12 +598,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in table(rows, chosen, tests):
         print(line)
     over = overheads(rows, chosen, tests)
+    cpu_over = overheads(rows, chosen, tests, "cpu")
     print()
     if "lonely" in over and "forked" in over and over["forked"] > 0:
         print(
             f"**pytest-lonely / pytest-forked overhead ratio: {over['lonely'] / over['forked']:.2f}** "
             f"({over['lonely']:.3f} ms / {over['forked']:.3f} ms per test; the issue's target is 0.50 or less)"
         )
+        if cpu_over.get("forked", 0) > 0 and "lonely" in cpu_over:
+            print(
+                f"CPU-time overhead ratio (less sensitive to other load on the machine): "
+                f"{cpu_over['lonely'] / cpu_over['forked']:.2f} ({cpu_over['lonely']:.3f} ms / "
+                f"{cpu_over['forked']:.3f} ms of CPU per test)"
+            )
     else:
         print("pytest-lonely / pytest-forked overhead ratio: — (needs both the `lonely` and the `forked` rows)")
     print()
@@ -627,6 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "problems": rows[name].problems,
                     "per_test_ms": per_test(rows[name], tests),
                     "overhead_ms": over.get(name),
+                    "cpu_overhead_ms": cpu_over.get(name),
                     "runs": rows[name].runs,
                 }
                 for name in chosen
