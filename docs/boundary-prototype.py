@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import signal
 import socket
 import statistics
 import sys
@@ -29,10 +28,10 @@ import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [_REPO, os.path.join(_REPO, "tests")]
+import boundary_probes as bp  # noqa: E402
+
 from pytest_lonely.sandbox import _syscalls as sc  # noqa: E402
 from pytest_lonely.sandbox import rootfs  # noqa: E402
-
-import boundary_probes as bp  # noqa: E402
 
 CLONE_NEWCGROUP = 0x02000000
 MAP = b"0 0 4294967295\n"
@@ -100,8 +99,9 @@ def strip_sys(ops: tuple[rootfs.Op, ...]) -> tuple[rootfs.Op, ...]:
     return tuple(op for op in ops if not (op[0] == rootfs.MOUNT and op[3] == "sysfs"))
 
 
-def pid1(ops, how: str, network: bool, userns_fd: int, sync: tuple[int, int], report_w: int, job, cgroupns: str,
-         joins=None) -> None:
+def pid1(
+    ops, how: str, network: bool, userns_fd: int, sync: tuple[int, int], report_w: int, job, cgroupns: str, joins=None
+) -> None:
     status = 1
     try:
         t0 = time.perf_counter()
@@ -118,7 +118,12 @@ def pid1(ops, how: str, network: bool, userns_fd: int, sync: tuple[int, int], re
             if os.environ.get("HIDDEN_PROC"):
                 # a fully visible, read-only proc, hidden under an empty tmpfs: lets nested proc mounts be ro
                 os.makedirs(rootfs.NEW + "/dev/.p/proc")
-                sc.mount("proc", rootfs.NEW + "/dev/.p/proc", "proc", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+                sc.mount(
+                    "proc",
+                    rootfs.NEW + "/dev/.p/proc",
+                    "proc",
+                    sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+                )
                 sc.mount("tmpfs", rootfs.NEW + "/dev/.p", "tmpfs", sc.MS_RDONLY, "size=0")
             sys_ro(rootfs.NEW)
             rootfs.switch_root("/")
@@ -167,8 +172,18 @@ def pid1(ops, how: str, network: bool, userns_fd: int, sync: tuple[int, int], re
         close_range_cloexec((report_w,))
         built = time.perf_counter() - t0
         result = job() if job else None
-        os.write(report_w, json.dumps({"built_ms": built * 1000, "result": result, "user_ms": (tb - ta) * 1000,
-                                             "unshare_ms": (tcc - tb) * 1000, "cover_ms": tcov * 1000 if joins is None else 0}).encode())
+        os.write(
+            report_w,
+            json.dumps(
+                {
+                    "built_ms": built * 1000,
+                    "result": result,
+                    "user_ms": (tb - ta) * 1000,
+                    "unshare_ms": (tcc - tb) * 1000,
+                    "cover_ms": tcov * 1000 if joins is None else 0,
+                }
+            ).encode(),
+        )
         status = 0
     except BaseException as exc:
         os.write(report_w, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
@@ -269,8 +284,18 @@ def probes_job():
         ("chown", lambda: (open("/tmp/c", "w").close(), os.chown("/tmp/c", 4242, 4242))),
         ("tmpfs", bp.mount_tmpfs),
         ("nested_pid_proc", bp.nested_pid_namespace_proc),
-        ("nested_pid_proc_ro", lambda: bp.run("unshare", "--pid", "--fork", "--mount", "sh", "-c",
-                                             "mount -t proc -o ro proc /proc && readlink /proc/self")),
+        (
+            "nested_pid_proc_ro",
+            lambda: bp.run(
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount",
+                "sh",
+                "-c",
+                "mount -t proc -o ro proc /proc && readlink /proc/self",
+            ),
+        ),
         ("bind80", lambda: bp.bind_low_port(80)),
         ("ip_own_net", lambda: bp.run("ip", "addr", "add", "10.9.9.9/24", "dev", "lo")),
         ("iptables", lambda: bp.run("iptables", "-A", "INPUT", "-i", "lo", "-j", "ACCEPT")),
@@ -279,7 +304,7 @@ def probes_job():
         try:
             fn()
             works[name] = "ok"
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             works[name] = f"FAILED {type(exc).__name__}: {exc}"[:160]
     return {"probes": res, "works": works}
 
@@ -343,9 +368,19 @@ def main() -> None:
                     for fd in joins.values():
                         os.close(fd)
                 after = host_state()
-                print(json.dumps({"network": network, "how": how, "cgroupns": cg, "prebuilt": pre, **out,
-                                  "host_changed": {k: (before[k], after[k]) for k in before if before[k] != after[k]}},
-                                 indent=1))
+                print(
+                    json.dumps(
+                        {
+                            "network": network,
+                            "how": how,
+                            "cgroupns": cg,
+                            "prebuilt": pre,
+                            **out,
+                            "host_changed": {k: (before[k], after[k]) for k in before if before[k] != after[k]},
+                        },
+                        indent=1,
+                    )
+                )
             finally:
                 restore(before)
     elif what == "bench":
@@ -367,9 +402,11 @@ def main() -> None:
             os.close(session_userns())
         mk = (time.perf_counter() - t) / 20 * 1000
         for h in hows:
-            print(f"{h:7s} total median {statistics.median(times[h]):.3f} ms  mean {statistics.mean(times[h]):.3f}"
-                  f"  (inside PID 1 until ready: median {statistics.median(built[h]):.3f} ms) "
-                  + " ".join(f"{k} {statistics.median(v):.3f}" for k, v in steps[h].items()))
+            print(
+                f"{h:7s} total median {statistics.median(times[h]):.3f} ms  mean {statistics.mean(times[h]):.3f}"
+                f"  (inside PID 1 until ready: median {statistics.median(built[h]):.3f} ms) "
+                + " ".join(f"{k} {statistics.median(v):.3f}" for k, v in steps[h].items())
+            )
         print(f"making one session user namespace (fork+unshare+maps): {mk:.3f} ms")
     os.close(userns_fd)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .container import Container
+from .container import Container, ImageInfo
 from .errors import LonelyWarning
 from .sandbox.cgroup import Limits, Usage
 
 __version__ = "0.1.0"
-__all__ = ["Container", "Limits", "LonelyWarning", "Usage", "__version__"]
+__all__ = ["Container", "ImageInfo", "Limits", "LonelyWarning", "Usage", "__version__"]

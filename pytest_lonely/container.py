@@ -9,6 +9,16 @@ from .sandbox.cgroup import Limits
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    """The image a container's root came from."""
+
+    #: As configured, e.g. ``images/debian-oci.tar:bookworm``.
+    reference: str
+    #: ``sha256:...`` of the image's manifest (of its config for a ``docker save`` archive, which has no manifest).
+    digest: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Container:
     """What a test can learn about the sandbox it runs in.
 
@@ -33,3 +43,5 @@ class Container:
     timeout: float = 0.0
     #: The cgroup limits that apply (memory in bytes, pids, cpus); ``None`` fields are unlimited.
     limits: Limits = Limits()
+    #: The image the root filesystem came from, or None for a directory, a tarball or the host view.
+    image: ImageInfo | None = None

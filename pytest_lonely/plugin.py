@@ -20,7 +20,7 @@ from . import child, hookspecs, settings
 from .container import Container
 from .errors import LonelyWarning
 from .runner import IsolatedRun
-from .sandbox import namespaces
+from .sandbox import archive, image, namespaces
 from .session import SESSION_KEY, Session
 
 FIXTURE: Final = "container"
@@ -54,7 +54,15 @@ def pytest_configure(config: pytest.Config) -> None:
         defaults, options = settings.from_config(config.getoption, config.getini, config.rootpath, inidir)
     except settings.SettingError as exc:
         raise pytest.UsageError(str(exc)) from None
-    config.stash[SESSION_KEY] = Session(config, defaults, options)
+    state = config.stash[SESSION_KEY] = Session(config, defaults, options)
+    if defaults.rootfs is not None and defaults.rootfs.image is not None and state.disabled is None:
+        # A bad image given for the whole run is a usage error now, not one failure per test later.
+        try:
+            state.root(defaults.rootfs)
+        except (image.ImageError, archive.ArchiveError) as exc:
+            raise pytest.UsageError(
+                f"rootfs={str(defaults.rootfs)!r} from {defaults.origin('rootfs')}: {exc}"
+            ) from None
 
 
 def _refuse_rivals(config: pytest.Config) -> None:
@@ -128,10 +136,24 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return [f"lonely: isolation unavailable ({state.options.unavailable} isolated tests): {availability.reason}"]
     mode = "rootless" if state.rootless else "root"
     names = namespaces.describe(namespaces.for_container(rootless=state.rootless, network=state.defaults.network))
-    root = str(state.defaults.rootfs) if state.defaults.rootfs else "host view (copy-on-write)"
+    root = _describe_root(state)
     extra = ", isolating all tests" if state.options.all else ""
     timeout = f", timeout {state.defaults.timeout:g}s" if state.defaults.timeout else ""
     return [f"lonely: {mode} mode, namespaces {names}, rootfs {root}{timeout}{extra}"]
+
+
+def _describe_root(state: Session) -> str:
+    configured = state.defaults.rootfs
+    if configured is None:
+        return "host view (copy-on-write)"
+    if configured.image is None:
+        return str(configured)
+    opened = state.root(configured).image
+    if opened is None:  # pragma: no cover - an image always opens to one
+        return str(configured)
+    digest = (opened.manifest_digest or opened.config_digest)[:19]
+    took = f"unpacked in {opened.unpack_seconds:.2f} s" if opened.unpack_seconds else "cached"
+    return f"image {configured} ({digest}, {took}; its Env applies, User and WorkingDir are ignored)"
 
 
 def is_isolated(item: pytest.Item) -> bool:

@@ -15,10 +15,10 @@ from typing import Final
 
 import pytest
 
-from .container import Container
-from .sandbox import archive, cgroup
+from .container import Container, ImageInfo
+from .sandbox import archive, cgroup, image
 from .sandbox.spec import ContainerSpec
-from .session import SESSION_KEY, Session
+from .session import SESSION_KEY, Root, Session
 from .settings import MARKER, SettingError, Spec
 
 #: Fixtures that hand out directories under the session's basetemp.
@@ -60,11 +60,13 @@ def prepare(item: pytest.Item) -> Ready | Refused:
     if not availability.ok:
         return Refused(f"isolation unavailable: {availability.reason}", skip=state.options.unavailable == "skip")
     try:
-        root = None if spec.rootfs is None else state.rootfs_dir(spec.rootfs)
-    except archive.ArchiveError as exc:
+        root = None if spec.rootfs is None else state.root(spec.rootfs)
+    except (archive.ArchiveError, image.ImageError) as exc:
         return Refused(f"rootfs={str(spec.rootfs)!r} from {spec.origin('rootfs')}: {exc}")
     fixturenames = getattr(item, "fixturenames", ())
-    key, plan = state.plan(root, spec.network, tmp=any(name in fixturenames for name in _TMP_FIXTURES))
+    key, plan = state.plan(
+        None if root is None else root.path, spec.network, tmp=any(name in fixturenames for name in _TMP_FIXTURES)
+    )
     cid = os.urandom(6).hex()
     hostname = spec.hostname or cid
     limits = spec.limits
@@ -86,6 +88,7 @@ def prepare(item: pytest.Item) -> Ready | Refused:
         plan=plan,
         timeout=spec.timeout,
         cwd=os.getcwd(),
+        env=() if root is None else root.env,
         limits=limits,
         usage=state.measure_usage(),
     )
@@ -95,12 +98,20 @@ def prepare(item: pytest.Item) -> Ready | Refused:
         host_pid=0,
         namespaces=engine_spec.namespaces,
         rootless=state.rootless,
-        rootfs=spec.rootfs,
+        rootfs=None if spec.rootfs is None else spec.rootfs.path,
         timeout=spec.timeout,
         limits=limits,
+        image=_image_info(root),
     )
     _note_lost_results(item, state)
     return Ready(spec, container, engine_spec)
+
+
+def _image_info(root: Root | None) -> ImageInfo | None:
+    opened = None if root is None else root.image
+    if opened is None:
+        return None
+    return ImageInfo(reference=opened.reference, digest=opened.manifest_digest or opened.config_digest)
 
 
 def _note_lost_results(item: pytest.Item, state: Session) -> None:

@@ -17,9 +17,19 @@ from typing import Final
 import pytest
 
 from . import _pytest_compat as compat
-from .sandbox import archive, cgroup, probe, rootfs
+from .sandbox import archive, cgroup, image, probe, rootfs
 from .sandbox.launcher import Engine
-from .settings import RunOptions, Spec
+from .settings import Rootfs, RunOptions, Spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Root:
+    """A root filesystem ready to mount: its directory, and what an image adds."""
+
+    path: Path
+    #: The image's ``Env``, set inside over the inherited environment.
+    env: tuple[tuple[str, str], ...] = ()
+    image: image.Image | None = None
 
 
 @dataclasses.dataclass
@@ -40,7 +50,7 @@ class Session:
     _engine: Engine | None = None
     _layout: rootfs.HostLayout | None = None
     _plans: dict[rootfs.PlanKey, rootfs.Plan] = dataclasses.field(default_factory=dict)
-    _unpacked: dict[Path, Path] = dataclasses.field(default_factory=dict)
+    _roots: dict[Rootfs, Root] = dataclasses.field(default_factory=dict)
 
     def availability(self) -> probe.Availability:
         if self._availability is None:
@@ -79,15 +89,31 @@ class Session:
             return ()
         return (os.path.realpath(factory.getbasetemp()),)
 
-    def rootfs_dir(self, path: Path) -> Path:
-        """The directory to use as root: ``path`` itself, or where its tarball was unpacked."""
-        if path.is_dir():
-            return path
-        unpacked = self._unpacked.get(path)
-        if unpacked is None:
-            unpacked, _ = archive.unpack(path, cache_dir())
-            self._unpacked[path] = unpacked
-        return unpacked
+    def root(self, configured: Rootfs) -> Root:
+        """The directory to use as root: the directory itself, or where its tarball or image was unpacked.
+
+        Raises :class:`~pytest_lonely.sandbox.archive.ArchiveError` or
+        :class:`~pytest_lonely.sandbox.image.ImageError`.
+        """
+        found = self._roots.get(configured)
+        if found is None:
+            if configured.image is not None:
+                opened = image.open_image(str(configured), cache_dir())
+                found = Root(opened.root, opened.env, opened)
+                if opened.unpack_seconds and self.config.get_verbosity() > 0:
+                    self._say(f"lonely: unpacked image {configured} in {opened.unpack_seconds:.2f} s")
+            elif configured.path.is_dir():
+                found = Root(configured.path)
+            else:
+                unpacked, _ = archive.unpack(configured.path, cache_dir())
+                found = Root(unpacked)
+            self._roots[configured] = found
+        return found
+
+    def _say(self, line: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(line)
 
     def measure_usage(self) -> bool:
         """Whether containers get a cgroup just to measure them: ``--lonely-usage`` where that can be done."""

@@ -12,13 +12,14 @@ that uses it.  Nothing here touches the system: the parent builds a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from .sandbox import cgroup
+from .sandbox import cgroup, image
 
 MARKER: Final = "isolated"
 
@@ -119,26 +120,61 @@ def _network(value: object, source: Source) -> bool:
     raise SettingError("allowed are 'host' (share the host network) or 'none' (private network with only lo)")
 
 
-def _rootfs(value: object, source: Source) -> Path | None:
+@dataclasses.dataclass(frozen=True)
+class Rootfs:
+    """A root filesystem as configured: a directory, a tarball of one, or an image (with its tag, if given)."""
+
+    path: Path
+    #: The tag after ``PATH:``, for a layout or archive that holds several images.
+    tag: str | None = None
+    #: ``oci-layout``, ``oci-archive``, ``docker-archive`` or ``docker-dir``; None for a root tree or its tarball.
+    image: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.tag}" if self.tag else str(self.path)
+
+
+@functools.lru_cache(maxsize=64)
+def _detect(path: Path, size: int, mtime_ns: int) -> str | None:
+    """What kind of image ``path`` is, from its content; cached, since markers are read for every test."""
+    return image.detect(path)
+
+
+def _rootfs(value: object, source: Source) -> Rootfs | None:
     if value is None or value == "":
         return None
     if not isinstance(value, (str, Path)):
-        raise SettingError(f"must be a path to a directory or a tarball, got {type(value).__name__}")
-    path = (source.base / Path(value).expanduser()).resolve()
-    if not path.exists():
-        raise SettingError(f"resolved to {str(path)!r}, which does not exist")
+        raise SettingError(f"must be a path to a directory, a tarball or an image, got {type(value).__name__}")
+    try:
+        found, tag = image.split_reference(str(value), base=source.base)
+    except image.ImageError:
+        whole = (source.base / Path(value).expanduser()).resolve()
+        raise SettingError(f"resolved to {str(whole)!r}, which does not exist") from None
+    path = found.resolve()
+    try:
+        st = path.stat()
+        kind = _detect(path, st.st_size, st.st_mtime_ns)
+    except OSError as exc:
+        raise SettingError(f"resolved to {str(path)!r}, which cannot be read: {exc.strerror}") from None
+    if kind is not None:
+        return Rootfs(path, tag, kind)
+    if tag is not None:
+        raise SettingError(
+            f"{str(path)!r} is neither an OCI image layout nor a 'docker save' archive, so it has no tag {tag!r}"
+        )
     if path.is_dir():
-        return path
+        return Rootfs(path)
     if not path.is_file() or not path.name.endswith(TARBALL_SUFFIXES):
         raise SettingError(
-            f"resolved to {str(path)!r}, which is neither a directory nor a tarball ({', '.join(TARBALL_SUFFIXES)})"
+            f"resolved to {str(path)!r}, which is neither a directory, an image (OCI layout, 'docker save' "
+            f"archive) nor a tarball ({', '.join(TARBALL_SUFFIXES)})"
         )
     try:
         with open(path, "rb"):
             pass
     except OSError as exc:
         raise SettingError(f"resolved to {str(path)!r}, which cannot be read: {exc.strerror}") from None
-    return path
+    return Rootfs(path)
 
 
 def _limit(parse: Callable[[Any], Any]) -> Parse:
@@ -196,14 +232,15 @@ class Spec:
     hostname: str | None = setting(
         None, parse=_hostname, marker="hostname=None", help="UTS hostname inside (default: the container id)"
     )
-    rootfs: Path | None = setting(
+    rootfs: Rootfs | None = setting(
         None,
         parse=_rootfs,
         cli="--lonely-rootfs",
         ini="lonely_rootfs",
         metavar="PATH",
         marker="rootfs=None",
-        help="root filesystem: a directory or a tarball (default: a copy-on-write view of the host)",
+        help="root filesystem: a directory, a tarball, an OCI image layout or a 'docker save' archive, "
+        "optionally PATH:TAG (default: a copy-on-write view of the host)",
     )
     timeout: float = setting(
         0.0,
