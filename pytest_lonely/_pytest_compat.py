@@ -246,3 +246,48 @@ def silence_hook(pm: pytest.PytestPluginManager, name: str, keep: object) -> Non
             impl.function = _passthrough_wrapper
         else:
             impl.function = _noop
+
+
+def restore_subtest_context(report: pytest.TestReport, data: Any) -> None:
+    """Undo the second ``saferepr`` pytest's ``SubtestContext`` applies when a subtest report is decoded.
+
+    The context's constructor reprs its kwargs, and decoding constructs it
+    again, so ``i=1`` would read ``i='1'`` in the parent (under xdist too).
+    The child already sent the repr'd values: keep them as they are.
+    """
+    context = getattr(report, "context", None)
+    sent = data.get("_subtest.context") if isinstance(data, dict) else None
+    if context is None or not isinstance(sent, dict) or not isinstance(sent.get("kwargs"), dict):
+        return
+    try:
+        object.__setattr__(context, "kwargs", dict(sent["kwargs"]))
+    except (AttributeError, TypeError):  # another plugin's report type: leave it
+        pass
+
+
+_failed_subtests_key = _lookup("_pytest.subtests", "failed_subtests_key")  # pytest >= 9
+_SubtestReport = _lookup("_pytest.subtests", "SubtestReport")
+
+
+def failed_subtests(config: pytest.Config, report: pytest.TestReport) -> int:
+    """How many subtests of ``report``'s test failed, as pytest 9 counts them in ``config.stash``.
+
+    The count is made where the subtests run, in the child, and read where
+    the verdict is made, in the parent's ``pytest_report_teststatus``: so the
+    child sends it with the test's own reports and the parent stores it.
+    """
+    if _failed_subtests_key is None or (_SubtestReport is not None and isinstance(report, _SubtestReport)):
+        return 0
+    try:
+        return int(config.stash[_failed_subtests_key].get(report.id, 0))
+    except (KeyError, AttributeError, TypeError):
+        return 0
+
+
+def set_failed_subtests(config: pytest.Config, report: pytest.TestReport, count: int) -> None:
+    if _failed_subtests_key is None:
+        return
+    try:
+        config.stash[_failed_subtests_key][report.id] = count
+    except (KeyError, AttributeError, TypeError):
+        pass

@@ -85,6 +85,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         session.close()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(SESSION_KEY, None)
     if state is None:
@@ -96,7 +97,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             f"{plugin} keeps its results inside the test process, so they stay in the container: "
             f"the results of {len(nodeids)} isolated test(s) are missing from its summary: {shown}"
         )
-        record = warnings.WarningMessage(message, LonelyWarning, __file__, 0)
+        record = warnings.WarningMessage(message, LonelyWarning, "pytest-lonely", 0)
         session.config.hook.pytest_warning_recorded.call_historic(
             kwargs=dict(warning_message=record, when="runtest", nodeid="", location=None)
         )
@@ -196,6 +197,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         if not run.rerunning:
             break
+    if nextitem is None:
+        state.reap()  # the last test: no container may outlive it, whoever looks at sessionfinish
     return True
 
 

@@ -118,9 +118,13 @@ def _note_lost_results(item: pytest.Item, state: Session) -> None:
     """Plugins that keep per-session results in the test process lose an isolated test's results: say so."""
     pm = item.config.pluginmanager
     fixturenames = getattr(item, "fixturenames", ())
-    if "benchmark" in fixturenames and (pm.has_plugin("benchmark") or pm.has_plugin("pytest_benchmark")):
+    benchmarking = pm.has_plugin("benchmark") or pm.has_plugin("pytest_benchmark")
+    skipped = item.config.getoption("benchmark_disable", False) or item.config.getoption("benchmark_skip", False)
+    if "benchmark" in fixturenames and benchmarking and not skipped:
         state.lost_results.setdefault("pytest-benchmark", []).append(item.nodeid)
-    if item.config.getoption("hypothesis_show_statistics", False) and getattr(
-        getattr(item, "obj", None), "is_hypothesis_test", False
-    ):
-        state.lost_results.setdefault("hypothesis (--hypothesis-show-statistics)", []).append(item.nodeid)
+
+
+def note_lost_example(item: pytest.Item, failed: bool, state: Session) -> None:
+    """hypothesis saves a failing example in its database under the rootdir, which is copy-on-write inside."""
+    if failed and getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+        state.lost_results.setdefault("hypothesis (its example database)", []).append(item.nodeid)

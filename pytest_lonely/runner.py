@@ -91,6 +91,7 @@ class IsolatedRun:
         if outcome.usage is not None:
             self.state.usage[item.nodeid] = outcome.usage
         self.reporter.conclude(outcome, ready.spec.timeout, ready.spec.memory, self.capman)
+        preflight.note_lost_example(item, any(r.failed for r in self.reporter.seen.values()), self.state)
         self.teardown()
         compat.forget_request(item)
         hook(

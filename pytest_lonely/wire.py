@@ -14,16 +14,29 @@ from typing import Any
 
 import pytest
 
+from . import _pytest_compat as compat
+
 # --- reports ---------------------------------------------------------------------------------------
+
+
+_FAILED_SUBTESTS = "_lonely_failed_subtests"
 
 
 def encode_report(config: pytest.Config, report: pytest.TestReport) -> Any:
     """pytest's own serialisation, so plugin report types (subtests) cross as their plugin wants."""
-    return config.hook.pytest_report_to_serializable(config=config, report=report)
+    data = config.hook.pytest_report_to_serializable(config=config, report=report)
+    failed = compat.failed_subtests(config, report)
+    if failed and isinstance(data, dict):
+        data[_FAILED_SUBTESTS] = failed
+    return data
 
 
 def decode_report(config: pytest.Config, data: Any) -> pytest.TestReport:
+    failed = data.pop(_FAILED_SUBTESTS, 0) if isinstance(data, dict) else 0
     report: pytest.TestReport = config.hook.pytest_report_from_serializable(config=config, data=data)
+    compat.restore_subtest_context(report, data)
+    if failed:
+        compat.set_failed_subtests(config, report, failed)
     return report
 
 
