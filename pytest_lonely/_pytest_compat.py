@@ -21,28 +21,37 @@ from typing import Any, Final
 
 import pytest
 
-#: The pytest versions this release is tested with, as (major, minor) bounds, both included.
-SUPPORTED: Final = ((8, 0), (9, 2))
+#: The pytest versions this release is tested with, both included; pyproject's ``pytest>=8.0,<9.3`` says the same.
+SUPPORTED_FIRST: Final = (8, 0)
+SUPPORTED_LAST: Final = (9, 2)
+
+
+def _parse_version(text: str) -> tuple[int, int] | None:
+    parts = text.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+#: (major, minor) of the running pytest; None if ``pytest.__version__`` cannot be read.
+PYTEST_VERSION: Final = _parse_version(str(getattr(pytest, "__version__", "")))
 
 
 def _version() -> tuple[int, int]:
-    parts = pytest.__version__.split(".")
-    try:
-        return int(parts[0]), int(parts[1])
-    except (IndexError, ValueError):  # pragma: no cover - pytest always has a numeric version
-        return (0, 0)
+    return PYTEST_VERSION or (0, 0)
 
 
 def _why_unsupported() -> str | None:
-    low, high = SUPPORTED
-    if not low <= _version() <= high:
+    if PYTEST_VERSION is None or not SUPPORTED_FIRST <= PYTEST_VERSION <= SUPPORTED_LAST:
+        first, last = SUPPORTED_FIRST, SUPPORTED_LAST
         return (
-            f"pytest {pytest.__version__} is outside the supported range "
-            f"{low[0]}.{low[1]}-{high[0]}.{high[1]}; install a supported pytest or upgrade pytest-lonely"
+            f"pytest {getattr(pytest, '__version__', '?')} is outside the supported range "
+            f"{first[0]}.{first[1]}-{last[0]}.{last[1]}"
         )
-    missing = [name for name, found in _REQUIRED.items() if found is None]
-    if missing:
-        return f"pytest {pytest.__version__} lacks the internals pytest-lonely needs: {', '.join(missing)}"
+    for name, found in _REQUIRED.items():
+        if found is None:
+            return f"pytest internal {name} is missing"
     return None
 
 
@@ -69,7 +78,9 @@ _REQUIRED: Final = {
     "_pytest.skipping.evaluate_xfail_marks": _evaluate_xfail_marks,
     "_pytest.skipping.xfailed_key": _xfailed_key,
     "_pytest.outcomes.Exit": _Exit,
-    "pytest.Session._setupstate": True if hasattr(pytest.Session, "__init__") else None,
+    "_pytest.runner.SetupState.teardown_exact": getattr(
+        _lookup("_pytest.runner", "SetupState"), "teardown_exact", None
+    ),
 }
 
 #: Why the plugin cannot work with this pytest, or None when it can.
@@ -100,12 +111,18 @@ def check_interactive_exception(call: pytest.CallInfo[Any], report: pytest.TestR
     return bool(_check_interactive(call, report))
 
 
-def skipped_by_marks(item: pytest.Item) -> bool:
-    """A test that a skip marker skips needs no container: pytest can skip it in-process."""
+def skip_reason(item: pytest.Item) -> str | None:
+    """Why a skip marker skips this test, if one does: then it needs no container, pytest skips it in-process."""
     try:
-        return _evaluate_skip_marks(item) is not None
+        skipped = _evaluate_skip_marks(item)
     except Exception:  # the child raises the same error and reports it
-        return False
+        return None
+    return None if skipped is None else str(skipped.reason)
+
+
+def skip_at_item_location(message: str) -> BaseException:
+    """A skip reported at the test's own location, not at the line that raised it, as skip marks do."""
+    return pytest.skip.Exception(message, _use_item_location=True)
 
 
 def ensure_xfail_evaluated(item: pytest.Item) -> None:
@@ -137,7 +154,7 @@ def setup_broader_fixtures(item: pytest.Item) -> None:
         if col not in needed:  # pragma: no cover - the previous teardown makes this impossible
             raise RuntimeError(f"{col!r} was not torn down before {item.nodeid}")
         if exc:
-            # pytest 8.0 keeps the exception itself, later versions (exception, traceback).
+            # pytest 8.0-8.2 keep the exception itself, 8.3+ (exception, traceback).
             if isinstance(exc, tuple):
                 raise exc[0].with_traceback(exc[1])
             raise exc
@@ -168,8 +185,8 @@ def setup_broader_fixtures(item: pytest.Item) -> None:
 
 
 def _stack_exc(exc: BaseException) -> Any:
-    """The shape ``SetupState.stack`` stores a setup failure in: pytest 8.0 the exception, later a pair."""
-    if _version() < (8, 1):
+    """The shape ``SetupState.stack`` stores a setup failure in: 8.0-8.2 the exception, 8.3+ a pair."""
+    if _version() < (8, 3):
         return exc
     return (exc, exc.__traceback__)
 
@@ -191,13 +208,13 @@ def stop_teardown_at_item(item: pytest.Item) -> None:
     state.teardown_exact = lambda nextitem: teardown_exact(parent_node)
 
 
-def prepare_rerun(item: pytest.Item) -> None:
+def reset_request(item: pytest.Item) -> None:
     """A rerun needs a fresh fixture request, as pytest-rerunfailures makes one."""
     if hasattr(item, "_request") and not item._request:
         item._initrequest()  # type: ignore[attr-defined]
 
 
-def forget_request(item: pytest.Item) -> None:
+def release_request(item: pytest.Item) -> None:
     """After the parent's teardown, drop the request and funcargs the child used, as pytest does."""
     if hasattr(item, "_request"):
         item._request = False

@@ -184,7 +184,7 @@ def container() -> Container:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
     state = item.config.stash[SESSION_KEY]
-    if not is_isolated(item) or compat.skipped_by_marks(item):
+    if not is_isolated(item) or compat.skip_reason(item) is not None:
         # A test that runs in-process must see only its own children: reap finished containers first.
         state.reap()
         return None

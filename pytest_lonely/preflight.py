@@ -56,6 +56,8 @@ def prepare(item: pytest.Item) -> Ready | Refused:
         spec = spec_for(item, state.defaults)
     except SettingError as exc:
         return Refused(str(exc))
+    if state.disabled is not None:
+        return Refused(f"lonely: disabled: {state.disabled}", skip=state.options.unavailable == "skip")
     availability = state.availability()
     if not availability.ok:
         return Refused(f"isolation unavailable: {availability.reason}", skip=state.options.unavailable == "skip")

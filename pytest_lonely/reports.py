@@ -68,7 +68,7 @@ class Reporter:
     def fail(self, when: Phase, message: str, skip: bool = False) -> pytest.TestReport:
         def raise_() -> None:
             if skip:  # reported at the test's own location, not at this line
-                raise pytest.skip.Exception(message, _use_item_location=True)
+                raise compat.skip_at_item_location(message)
             pytest.fail(message, pytrace=False)
 
         return self.make(pytest.CallInfo.from_call(raise_, when=when))

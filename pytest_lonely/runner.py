@@ -58,7 +58,7 @@ class IsolatedRun:
 
     def run(self) -> None:
         item = self.item
-        compat.prepare_rerun(item)
+        compat.reset_request(item)
         ready = preflight.prepare(item)
         if isinstance(ready, preflight.Refused):
             self.reporter.log(self.reporter.fail("setup", ready.message, skip=ready.skip))
@@ -93,7 +93,7 @@ class IsolatedRun:
         self.reporter.conclude(outcome, ready.spec.timeout, ready.spec.memory, self.capman)
         preflight.note_lost_example(item, any(r.failed for r in self.reporter.seen.values()), self.state)
         self.teardown()
-        compat.forget_request(item)
+        compat.release_request(item)
         hook(
             item=item,
             container=dataclasses.replace(ready.container, host_pid=outcome.host_pid),

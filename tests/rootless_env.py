@@ -24,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 NOBODY = 65534
-#: What ``python -m pytest -p lonely`` imports: pytest's requirements plus the plugin's own.
-DISTRIBUTIONS = ("pytest", "pluggy", "iniconfig", "packaging", "pygments", "filelock")
+#: What the plugin itself needs besides pytest and pytest's own requirements.
+PLUGIN_DISTRIBUTIONS = ("pluggy", "filelock")
 #: A plain environment for the inner sessions: nothing of the outer pytest (PYTEST_ADDOPTS, coverage, xdist).
 CLEAN_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -83,6 +83,22 @@ def _copy_distribution(name: str, site: Path) -> None:
         shutil.copy2(source, target)
 
 
+def distributions() -> list[str]:
+    """What ``python -m pytest -p lonely`` imports: pytest, its requirements that apply here, the plugin's own.
+
+    Read from pytest's metadata, since they differ between releases (pygments is required from pytest 8.4 on,
+    exceptiongroup and tomli only below Python 3.11).
+    """
+    from packaging.requirements import Requirement
+
+    names = ["pytest"]
+    for text in importlib.metadata.requires("pytest") or ():
+        req = Requirement(text)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            names.append(req.name)
+    return names + [name for name in PLUGIN_DISTRIBUTIONS if name not in names]
+
+
 class SystemPythonUnfit(Exception):
     """The system interpreter cannot host this pytest (too old, or no venv module)."""
 
@@ -115,7 +131,7 @@ def build_venv(dest: Path) -> Path:
             env=CLEAN_ENV,
         ).stdout.strip()
     )
-    for name in DISTRIBUTIONS:
+    for name in distributions():
         _copy_distribution(name, site)
     shutil.copytree(REPO / "pytest_lonely", site / "pytest_lonely", ignore=shutil.ignore_patterns("__pycache__"))
     info = site / "pytest_lonely-0.0.0.dist-info"

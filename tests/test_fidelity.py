@@ -292,8 +292,13 @@ def assert_same_as_in_process(isolated: pytest.RunResult, reference: pytest.RunR
     assert isolated.parseoutcomes() == reference.parseoutcomes(), everything
     assert isolated.ret == reference.ret, everything
     assert short_summary(isolated) == short_summary(reference), everything
-    failures = [key for key in report_sections(reference) if key[1] == ""]
-    assert [key for key in report_sections(isolated) if key[1] == ""] == failures, everything
+
+    # Tracebacks only: in-process, pytest's own "u" progress letters for unittest subtests are written while
+    # the test's capture is on and land in a PASSES section of their own, which is pytest's quirk, not ours.
+    def tracebacks(result: pytest.RunResult) -> list[tuple[str, str]]:
+        return [key for key, lines in report_sections(result).items() if key[1] == "" and any(x.strip() for x in lines)]
+
+    assert tracebacks(isolated) == tracebacks(reference), everything
     if progress:
         assert _subtest_progress(isolated) == _subtest_progress(reference), everything
 
@@ -351,12 +356,17 @@ def test_subtests_fixture_under_xdist_as_in_process(
 # --------------------------------------------------------------------------------------------------
 
 
-def assert_kept_or_warned_once(result: pytest.RunResult, plugin: str, tests: dict[str, bool]) -> None:
+def assert_kept_or_warned_once(
+    result: pytest.RunResult, plugin: str, tests: dict[str, bool], shown_needs_no_warning: bool = True
+) -> None:
     """For each isolated test (test id -> whether its result shows): shown, or named in ONE warning.
 
     The warning names ``plugin``; it appears on exactly one line of the
     warnings summary (pytest folds one message charged to several tests into
-    one entry under their ids).  A result that shows needs no warning.
+    one entry under their ids).  With ``shown_needs_no_warning``, a result
+    that shows must not be warned about as well (the warning would be false);
+    turn it off where the same plugin may rightly be warned about for
+    something else (hypothesis: its example database).
     """
     everything = result.stdout.str()
     warnings_summary = section(result, "warnings summary")
@@ -365,7 +375,8 @@ def assert_kept_or_warned_once(result: pytest.RunResult, plugin: str, tests: dic
     warned = [test for test in tests if test in text and mentions]
     for test, shown in tests.items():
         assert shown or test in warned, f"{plugin}: the result of {test} was dropped silently\n{everything}"
-        assert not (shown and test in warned), f"{plugin}: {test} shows AND is warned about\n{everything}"
+        if shown_needs_no_warning:
+            assert not (shown and test in warned), f"{plugin}: {test} shows AND is warned about\n{everything}"
     if warned:
         assert len(mentions) == 1, f"{plugin} must be warned about once, not {len(mentions)} times\n{everything}"
 
@@ -468,7 +479,10 @@ def test_hypothesis_statistics_shown_or_warned_once(
     shown = _statistics_for(isolated)
     assert "test_hyp.py::test_hyp_plain" in shown, isolated.stdout.str()
     assert_kept_or_warned_once(
-        isolated, "hypothesis", {"test_hyp.py::test_hyp_iso": "test_hyp.py::test_hyp_iso" in shown}
+        isolated,
+        "hypothesis",
+        {"test_hyp.py::test_hyp_iso": "test_hyp.py::test_hyp_iso" in shown},
+        shown_needs_no_warning=False,
     )
 
 
