@@ -15,6 +15,7 @@ from typing import Final
 
 import pytest
 
+from . import _pytest_compat as compat
 from .container import Container
 from .sandbox import archive, cgroup
 from .sandbox.spec import ContainerSpec
@@ -56,6 +57,11 @@ def prepare(item: pytest.Item) -> Ready | Refused:
         spec = spec_for(item, state.defaults)
     except SettingError as exc:
         return Refused(str(exc))
+    if spec.privileged and state.rootless:
+        return Refused(
+            f"privileged=True from {spec.origin('privileged')}: rootless mode has no host root to give "
+            "(pytest runs as an unprivileged user); drop privileged, or run pytest as root"
+        )
     availability = state.availability()
     if not availability.ok:
         return Refused(f"isolation unavailable: {availability.reason}", skip=state.options.unavailable == "skip")
@@ -88,6 +94,8 @@ def prepare(item: pytest.Item) -> Ready | Refused:
         cwd=os.getcwd(),
         limits=limits,
         usage=state.measure_usage(),
+        privileged=spec.privileged,
+        keep_fds=compat.capture_fds(item.config),
     )
     container = Container(
         id=cid,
