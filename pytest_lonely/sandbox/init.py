@@ -94,10 +94,9 @@ def _rootless_middle(launch: Launch) -> int:
     """Rootless: enter a user namespace, map ourselves to root, then fork PID 1."""
     process.guard_parent(launch.parent_pid)
     cgroup.enter(launch.cgroup_fds)  # PID 1 and everything it starts inherit it
-    sc.unshare(namespaces.flags(launch.spec.namespaces))
-    _write("/proc/self/uid_map", f"0 {launch.uid} 1\n")
-    _write("/proc/self/setgroups", "deny\n")
-    _write("/proc/self/gid_map", f"0 {launch.gid} 1\n")
+    # UTS, IPC and NET come later, in PID 1's second user namespace, which must own them.
+    sc.unshare(namespaces.flags({"user", "pid", "mnt"}))
+    _map_root(launch.uid, launch.gid)
     middle = os.getpid()
 
     def pid1() -> int:
@@ -121,6 +120,13 @@ def _rootless_middle(launch: Launch) -> int:
         signal.signal(sig, signal.SIG_DFL)
         os.kill(middle, sig)
     return os.waitstatus_to_exitcode(wait_status)
+
+
+def _map_root(uid: int, gid: int) -> None:
+    """Map root of the user namespace we just made to ``uid``/``gid`` of its parent: all we may map ourselves."""
+    _write("/proc/self/uid_map", f"0 {uid} 1\n")
+    _write("/proc/self/setgroups", "deny\n")
+    _write("/proc/self/gid_map", f"0 {gid} 1\n")
 
 
 def _write(path: str, text: str) -> None:
@@ -163,9 +169,15 @@ def _pid1(launch: Launch, host_pid: int) -> int:
         rootfs.switch_root(spec.cwd)
         if locked:
             sc.setns(launch.userns_fd, sc.CLONE_NEWUSER)
+        elif spec.rootless:
+            # The binds rootfs.apply made are ours (this user namespace's), so not locked: a second user
+            # namespace, root mapped to root, and the copy of the mount namespace into it locks them too.
+            sc.unshare(sc.CLONE_NEWUSER)
+            _map_root(0, 0)
+        if locked or spec.rootless:
             # No CLONE_NEWCGROUP: made inside the user namespace it would let root mount cgroup
             # hierarchies and mkdir at the host's hierarchy root (the container has no cgroup of its own).
-            sc.unshare(namespaces.flags(spec.namespaces - {"pid"}))
+            sc.unshare(namespaces.flags(spec.namespaces - {"pid", "user"}))
     socket.sethostname(spec.hostname)
     if "net" in spec.namespaces:
         sc.interface_up("lo")
