@@ -308,3 +308,29 @@ def set_failed_subtests(config: pytest.Config, report: pytest.TestReport, count:
         config.stash[_failed_subtests_key][report.id] = count
     except (KeyError, AttributeError, TypeError):
         pass
+
+
+def capture_fds(config: pytest.Config) -> tuple[int, ...]:
+    """The fds of pytest's global capture: each ``FDCapture``'s saved original and its temporary file.
+
+    The container closes every other inherited fd, so these must be named.
+    ``CaptureManager._global_capturing`` and ``FDCapture.targetfd_save`` are
+    private; if they change, nothing is kept and pytest's capture inside
+    would fail loudly (``tests/test_compat.py`` would say so first).
+    """
+    capman = config.pluginmanager.getplugin("capturemanager")
+    capturing = getattr(capman, "_global_capturing", None)
+    fds: set[int] = set()
+    for name in ("in_", "out", "err"):
+        capture = getattr(capturing, name, None)
+        saved = getattr(capture, "targetfd_save", None)
+        if isinstance(saved, int) and saved > 2:
+            fds.add(saved)
+        tmpfile = getattr(capture, "tmpfile", None)
+        try:
+            fileno = tmpfile.fileno() if tmpfile is not None else -1
+        except (OSError, ValueError, AttributeError):  # SysCapture's CaptureIO has no fd
+            continue
+        if isinstance(fileno, int) and fileno > 2:
+            fds.add(fileno)
+    return tuple(sorted(fds))

@@ -140,7 +140,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     root = _describe_root(state)
     extra = ", isolating all tests" if state.options.all else ""
     timeout = f", timeout {state.defaults.timeout:g}s" if state.defaults.timeout else ""
-    return [f"lonely: {mode} mode, namespaces {names}, rootfs {root}{timeout}{extra}"]
+    lines = [f"lonely: {mode} mode, namespaces {names}, rootfs {root}{timeout}{extra}"]
+    if state.defaults.privileged and not state.rootless:
+        lines.append(
+            f"lonely: privileged by default ({state.defaults.origin('privileged')}): isolated tests run as host "
+            "root with every capability; they can change the host's kernel settings, /sys, devices, network "
+            "and clock, and escape the container; only file writes stay in the overlay"
+        )
+    return lines
 
 
 def _describe_root(state: Session) -> str:

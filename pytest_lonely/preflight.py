@@ -15,6 +15,7 @@ from typing import Final
 
 import pytest
 
+from . import _pytest_compat as compat
 from .container import Container, ImageInfo
 from .sandbox import archive, cgroup, image
 from .sandbox.spec import ContainerSpec
@@ -58,6 +59,11 @@ def prepare(item: pytest.Item) -> Ready | Refused:
         return Refused(str(exc))
     if state.disabled is not None:
         return Refused(f"lonely: disabled: {state.disabled}", skip=state.options.unavailable == "skip")
+    if spec.privileged and state.rootless:
+        return Refused(
+            f"privileged=True from {spec.origin('privileged')}: rootless mode has no host root to give "
+            "(pytest runs as an unprivileged user); drop privileged, or run pytest as root"
+        )
     availability = state.availability()
     if not availability.ok:
         return Refused(f"isolation unavailable: {availability.reason}", skip=state.options.unavailable == "skip")
@@ -93,6 +99,8 @@ def prepare(item: pytest.Item) -> Ready | Refused:
         env=() if root is None else root.env,
         limits=limits,
         usage=state.measure_usage(),
+        privileged=spec.privileged,
+        keep_fds=compat.capture_fds(item.config),
     )
     container = Container(
         id=cid,

@@ -288,6 +288,17 @@ class Spec:
         marker="cpus=None",
         help="CPU time per wall-clock second, in CPUs (1.5: one and a half); none for no limit (default: none)",
     )
+    privileged: bool = setting(
+        False,
+        parse=_flag,
+        cli="--lonely-privileged",
+        ini="lonely_privileged",
+        flag=True,
+        marker="privileged=False",
+        help="root mode only: run as host root with every capability, no user namespace, mounts not locked: "
+        "the test can change the host's kernel settings, devices, network and clock; only file writes stay "
+        "in the overlay (default: false)",
+    )
     #: Where each non-default value came from, for errors found later (a corrupt tarball).
     origins: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 

@@ -163,4 +163,5 @@ def test_trim_traceback_stops_at_the_machinery() -> None:
     )
     trimmed = reports.trim_traceback(dump)
     assert "test_crash" in trimmed
-    assert "_pytest" not in trimmed and "pluggy" not in trimmed
+    assert "_pytest" not in trimmed
+    assert "pluggy" not in trimmed

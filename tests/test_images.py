@@ -147,7 +147,8 @@ def test_a_bad_image_fails_that_test_only(
     out = result.stdout.str()
     assert "INTERNALERROR" not in out
     assert "index.json" in out
-    assert "nope" in out and "v3" in out  # the tags that exist are listed
+    assert "nope" in out
+    assert "v3" in out  # the tags that exist are listed
     assert str(truncated) in out
 
 

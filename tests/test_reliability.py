@@ -29,15 +29,28 @@ from conftest import unique_sleeps
 
 
 def handshake_conftest(path: Path) -> str:
-    """An inner conftest whose ``handshake`` fixture is a line-buffered file the container can write to the host."""
+    """An inner conftest whose ``handshake`` fixture writes lines to ``path`` on the host, from inside a container.
+
+    A container inherits no file of the session's, so the fixture writes by path, into the session's
+    basetemp (the one host directory a container may write to); ``path`` is a symlink to that file.
+    """
     return f"""
+import os
+
 import pytest
 
 @pytest.fixture(scope="session")
-def handshake():
-    # Session scope: opened in the parent, inherited by every container.
-    with open({str(path)!r}, "w", buffering=1) as f:
-        yield f
+def handshake(tmp_path_factory):
+    real = tmp_path_factory.getbasetemp() / "handshake.txt"
+    real.touch()
+    os.symlink(real, {str(path)!r})
+
+    class Handshake:
+        def write(self, text):
+            with open(real, "a") as f:
+                f.write(text)
+
+    yield Handshake()
 """
 
 

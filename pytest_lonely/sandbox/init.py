@@ -44,6 +44,8 @@ class Launch:
     notes: tuple[str, ...] = ()
     #: ``cgroup.procs`` of the container's cgroups, opened by the parent: entered before anything else.
     cgroup_fds: tuple[int, ...] = ()
+    #: Root mode, root built here: the identity-mapped user namespace to join after the root is built.
+    userns_fd: int = -1
 
 
 def main(launch: Launch) -> NoReturn:
@@ -56,7 +58,10 @@ def main(launch: Launch) -> NoReturn:
             host_pid = process.guard_parent(launch.parent_pid)
             cgroup.enter(launch.cgroup_fds)  # before the test can fork anything
             if not launch.joins:
-                sc.unshare(namespaces.flags(launch.spec.namespaces - {"pid"}))  # the parent made the PID one
+                # The parent made the PID one.  Only the mount namespace now, as host root: UTS, IPC and NET
+                # are made after the user namespace, so that they belong to it and root inside may use them.
+                names = launch.spec.namespaces - {"pid"} if launch.spec.privileged else {"mnt"}
+                sc.unshare(namespaces.flags(names))
             status = _pid1(launch, host_pid)
     except BaseException as exc:  # the parent must always learn why
         send_error(launch.write_fd, exc)
@@ -89,10 +94,9 @@ def _rootless_middle(launch: Launch) -> int:
     """Rootless: enter a user namespace, map ourselves to root, then fork PID 1."""
     process.guard_parent(launch.parent_pid)
     cgroup.enter(launch.cgroup_fds)  # PID 1 and everything it starts inherit it
-    sc.unshare(namespaces.flags(launch.spec.namespaces))
-    _write("/proc/self/uid_map", f"0 {launch.uid} 1\n")
-    _write("/proc/self/setgroups", "deny\n")
-    _write("/proc/self/gid_map", f"0 {launch.gid} 1\n")
+    # UTS, IPC and NET come later, in PID 1's second user namespace, which must own them.
+    sc.unshare(namespaces.flags({"user", "pid", "mnt"}))
+    _map_root(launch.uid, launch.gid)
     middle = os.getpid()
 
     def pid1() -> int:
@@ -118,6 +122,13 @@ def _rootless_middle(launch: Launch) -> int:
     return os.waitstatus_to_exitcode(wait_status)
 
 
+def _map_root(uid: int, gid: int) -> None:
+    """Map root of the user namespace we just made to ``uid``/``gid`` of its parent: all we may map ourselves."""
+    _write("/proc/self/uid_map", f"0 {uid} 1\n")
+    _write("/proc/self/setgroups", "deny\n")
+    _write("/proc/self/gid_map", f"0 {gid} 1\n")
+
+
 def _write(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -127,23 +138,53 @@ def _write(path: str, text: str) -> None:
 
 
 def _pid1(launch: Launch, host_pid: int) -> int:
-    """We are PID 1 of the new PID namespace: build the root, then run the body."""
+    """We are PID 1 of the new PID namespace: build the root, lock it, then run the body.
+
+    Root mode (docs/boundary-design.md): every mount is made as host root, then
+    we enter an identity-mapped user namespace and copy the mount namespace into
+    it, which locks every mount: root inside cannot remount, unmount or
+    ``mount_setattr`` them, and its capabilities count only for what that user
+    namespace owns.  ``privileged`` skips the user namespace: host root as before.
+    """
     spec = launch.spec
+    locked = not spec.rootless and not spec.privileged
     if launch.joins:
-        # The root is built already: joining the mount namespace puts us at its root.
-        for fd, nstype in launch.joins:
-            sc.setns(fd, nstype)
+        # Prebuilt (root mode only): M1 first, while still host root; it puts us at its root.
+        joins = {nstype: fd for fd, nstype in launch.joins}
+        sc.setns(joins.pop(sc.CLONE_NEWNS), sc.CLONE_NEWNS)
         rootfs.mount_proc("/proc")
+        _seal_proc("")
+        sc.setns(joins.pop(sc.CLONE_NEWUSER), sc.CLONE_NEWUSER)
+        sc.unshare(sc.CLONE_NEWNS)  # the lock: after /proc, since later mounts would not be locked
+        for nstype, fd in joins.items():  # UTS, IPC (and NET), owned by the user namespace we are root in
+            sc.setns(fd, nstype)
         rootfs.enter_cwd(spec.cwd)
         notes = launch.notes
     else:
         rootfs.enter_scratch()
         notes = tuple(rootfs.apply(spec.plan))
         rootfs.mount_proc(rootfs.NEW + "/proc")  # before the switch: rootless, the kernel wants a visible /proc
+        if locked:
+            _seal_proc(rootfs.NEW)
         rootfs.switch_root(spec.cwd)
+        if locked:
+            sc.setns(launch.userns_fd, sc.CLONE_NEWUSER)
+        elif spec.rootless:
+            # The binds rootfs.apply made are ours (this user namespace's), so not locked: a second user
+            # namespace, root mapped to root, and the copy of the mount namespace into it locks them too.
+            sc.unshare(sc.CLONE_NEWUSER)
+            _map_root(0, 0)
+        if locked or spec.rootless:
+            # No CLONE_NEWCGROUP: made inside the user namespace it would let root mount cgroup
+            # hierarchies and mkdir at the host's hierarchy root (the container has no cgroup of its own).
+            sc.unshare(namespaces.flags(spec.namespaces - {"pid", "user"}))
     socket.sethostname(spec.hostname)
     if "net" in spec.namespaces:
         sc.interface_up("lo")
+    # Last: nothing of the parent's may reach the body: the host's PID namespace fd, the pool's socket
+    # and namespace fds, the user's session fixtures' files and sockets.  Really closed, not CLOEXEC:
+    # the body runs in this process.
+    sc.close_fds_except({0, 1, 2, launch.write_fd, launch.diag_fd, *spec.keep_fds})
     for name, value in spec.env:
         os.environ[name] = value
     if "HOSTNAME" in os.environ:
@@ -160,6 +201,12 @@ def _pid1(launch: Launch, host_pid: int) -> int:
     if not send.finished:
         send(protocol.Kind.DONE)
     return 0
+
+
+def _seal_proc(root: str) -> None:
+    """Read-only covers over host-wide parts of ``/proc``, and the hidden proc nested PID namespaces need."""
+    rootfs.cover_proc(root + "/proc")
+    rootfs.hide_readonly_proc(root)
 
 
 def _forget_uname() -> None:

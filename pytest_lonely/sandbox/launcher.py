@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, Final, Literal
 
 from . import _syscalls as sc
-from . import cgroup, init, process, protocol
+from . import cgroup, init, namespaces, process, protocol
 from .pool import NamespacePool
 from .spec import Body, ContainerSpec
 
@@ -94,21 +94,29 @@ class Engine:
         # which exists only once the container does.
         self._want_pool = prebuild and not rootless
         self._pool: NamespacePool | None = None
+        #: Root mode: the identity-mapped user namespace children join when the pool has none ready.
+        self._userns_fd = -1
 
     def pool(self) -> NamespacePool | None:
         if self._pool is None and self._want_pool:
             self._pool = NamespacePool()
         return self._pool if self._pool is not None and self._pool.broken is None else None
 
+    def userns(self) -> int:
+        """One user namespace for the session's children that build their own root (one fork, once)."""
+        if self._userns_fd < 0:
+            self._userns_fd = namespaces.make_userns()["user"]
+        return self._userns_fd
+
     def close(self) -> None:
         self.reap(block=True)
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        for fd in (self._pidns_fd, self._diag_fd):
+        for fd in (self._pidns_fd, self._diag_fd, self._userns_fd):
             if fd >= 0:
                 os.close(fd)
-        self._pidns_fd = self._diag_fd = -1
+        self._pidns_fd = self._diag_fd = self._userns_fd = -1
 
     @property
     def unreaped(self) -> bool:
@@ -145,8 +153,15 @@ class Engine:
     def _run(
         self, spec: ContainerSpec, body: Body, on_frame: OnFrame, need_status: bool, group: cgroup.Cgroup | None
     ) -> Outcome:
-        pool = self.pool()
+        # privileged=True wants host root's own namespaces, which the pool does not build.
+        pool = None if spec.privileged else self.pool()
         prepared = pool.take(spec.plan_key) if pool is not None else None
+        userns_fd = -1
+        if prepared is None and not spec.rootless and not spec.privileged:
+            try:
+                userns_fd = self.userns()
+            except OSError as exc:
+                return Outcome("error", payload=f"could not create the container's user namespace: {exc}")
         read_fd, write_fd = os.pipe()
         try:
             fcntl.fcntl(write_fd, _F_SETPIPE_SZ, _PIPE_SIZE)
@@ -166,6 +181,7 @@ class Engine:
             joins=prepared.joins if prepared is not None else (),
             notes=prepared.notes if prepared is not None else (),
             cgroup_fds=cgroup_fds,
+            userns_fd=userns_fd,
         )
         sys.stdout.flush()
         sys.stderr.flush()

@@ -2,19 +2,32 @@
 
 Assembling a container's mount tree is a few dozen system calls, and in the
 child it sits on the critical path of every test.  A helper process builds
-the *next* container's namespaces while the current test runs: it unshares
-mount, UTS, IPC (and network) namespaces, replays the same mount plan the
-child would, passes an fd to each namespace back over a socket, and returns
-to the host's.  The child then only ``setns``-es into them and mounts its
-``/proc`` (measured: about 1 ms less per test on a 2-core machine).
+the *next* container's namespaces while the current test runs, and passes an
+fd to each back over a socket; the child then only ``setns``-es into them,
+mounts its ``/proc`` and locks the mounts (measured: about 1 ms less per test
+on a 2-core machine).
+
+What the helper builds is exactly what host root must build, so that the
+lock still happens in the container's PID 1 (docs/boundary-design.md):
+
+* M1: a mount namespace owned by the initial user namespace, holding the
+  assembled root, ``/sys`` bound read-only, the host tree detached; no
+  ``/proc``, which must show PID 1's own PID namespace;
+* U: a fresh identity-mapped user namespace;
+* UTS, IPC (and network) namespaces owned by U, made by a short-lived worker
+  (a process cannot leave a user namespace), ``lo`` up.
+
+The helper runs as host root, so it takes no orders: the plans are in its
+memory from the fork (:meth:`NamespacePool.prefetch` starts a new helper when
+a plan it does not hold comes up), a request is only the index of one, and
+anything else stops it.  The container never holds the socket: the child
+closes every fd it was not told to keep.
 
 A process, not a thread: a thread in pytest would make every later
 ``fork()`` in the session, the user's own included, a fork of a
-multi-threaded process.  Only root mode uses this, since the namespaces of a
-rootless container belong to its user namespace, which exists only once the
-container does.  The kernel keeps a prepared namespace alive exactly as long
-as an fd or a process refers to it: an unused one vanishes when its fds are
-closed, and nothing of it ever shows in the host's mount table.
+multi-threaded process.  The kernel keeps a prepared namespace alive exactly
+as long as an fd or a process refers to it: an unused one vanishes when its
+fds are closed, and nothing of it ever shows in the host's mount table.
 """
 
 from __future__ import annotations
@@ -24,16 +37,16 @@ import marshal
 import os
 import select
 import socket
+import struct
 from typing import Any, Final
 
 from . import _syscalls as sc
-from . import namespaces, process, protocol, rootfs
+from . import namespaces, process, rootfs
 
-#: The namespaces a prebuild can hold; PID and user namespaces are made by the launcher.
-_PREBUILT: Final = ("mnt", "uts", "ipc", "net")
 #: Seconds ``take`` waits for a build under way before the child builds its own namespaces instead.
 _WAIT: Final = 2.0
 _MAX_FDS: Final = 8
+_REQUEST: Final = struct.Struct("!I")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,22 +65,31 @@ class NamespacePool:
     """Keeps one container's namespaces ready for the next test; a failure only turns it off."""
 
     def __init__(self) -> None:
-        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        #: Every plan the current helper holds, by index; a request names only an index.
+        self._plans: list[tuple[rootfs.PlanKey, rootfs.Plan]] = []
+        self._sock: socket.socket | None = None
+        self._pid = 0
+        self._asked: rootfs.PlanKey | None = None  # a request under way
+        self._ready: tuple[rootfs.PlanKey, Prepared] | None = None
+        #: Why the pool stopped, if it did: every test then builds its own namespaces, as without it.
+        self.broken: str | None = None
+
+    def _start(self) -> None:
+        """Fork a helper that holds every registered plan in its memory."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         parent = os.getpid()
+        plans = tuple(self._plans)
 
         def builder() -> int:
             # Hold nothing of pytest's open: a pipe kept open here would hide an EOF from a reader.
             keep = theirs.fileno()
             os.closerange(0, keep)
             os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
-            return _serve(theirs, parent)
+            return _serve(theirs, parent, plans)
 
         self._pid = process.spawn(builder)
         theirs.close()
-        self._asked: rootfs.PlanKey | None = None  # a request under way
-        self._ready: tuple[rootfs.PlanKey, Prepared] | None = None
-        #: Why the pool stopped, if it did: every test then builds its own namespaces, as without it.
-        self.broken: str | None = None
+        self._sock = ours
 
     def take(self, key: rootfs.PlanKey) -> Prepared | None:
         """The prepared namespaces for ``key``, or None: the child then builds its own."""
@@ -92,18 +114,25 @@ class NamespacePool:
                 return
             self._ready[1].close()
             self._ready = None
+        index = next((i for i, (known, _) in enumerate(self._plans) if known == key), None)
+        if index is None:
+            # A new plan: a new helper that holds it too (a few per session: host view, rootfs, network).
+            self._plans.append((key, ops))
+            index = len(self._plans) - 1
+            self._kill_helper()
         try:
-            request: Any = (dataclasses.astuple(key), ops)
-            body = marshal.dumps(request)
-            self._sock.sendall(protocol.pack(body))
-        except (OSError, ValueError) as exc:
+            if self._sock is None:
+                self._start()
+            assert self._sock is not None
+            self._sock.sendall(_REQUEST.pack(index))
+        except OSError as exc:
             self._stop(f"cannot reach the namespace builder: {exc}")
             return
         self._asked = key
 
     def _receive(self, timeout: float) -> None:
         key = self._asked
-        if key is None:
+        if key is None or self._sock is None:
             return
         if not select.select([self._sock], [], [], timeout)[0]:
             return
@@ -128,34 +157,45 @@ class NamespacePool:
         self.broken = why
         self.close()
 
+    def _kill_helper(self) -> None:
+        if self._pid:
+            assert self._sock is not None
+            self._sock.close()  # the builder sees EOF and exits
+            process.kill_and_reap(self._pid)
+            self._pid = 0
+            self._sock = None
+
     def close(self) -> None:
         if self._ready is not None:
             self._ready[1].close()
             self._ready = None
-        if self._pid:
-            self._sock.close()  # the builder sees EOF and exits
-            process.kill_and_reap(self._pid)
-            self._pid = 0
+        self._asked = None
+        self._kill_helper()
 
 
 # --- the builder process ---------------------------------------------------------------------
 
 
-def _serve(sock: socket.socket, parent: int) -> int:
-    """Build namespaces on request until pytest closes the socket (or dies: PDEATHSIG)."""
+def _serve(sock: socket.socket, parent: int, plans: tuple[tuple[rootfs.PlanKey, rootfs.Plan], ...]) -> int:
+    """Build namespaces for the plan a request names, until pytest closes the socket (or dies: PDEATHSIG).
+
+    A request is one index into ``plans``, which came with the fork; anything
+    else (short, out of range) ends the helper.  Nothing from the socket is
+    ever unmarshalled or replayed.
+    """
     process.guard_parent(parent)
-    own = tuple(
-        (os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), namespaces.FLAGS[name]) for name in _PREBUILT
-    )
+    own_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     while True:
-        request = _read_request(sock)
+        request = _recv_exactly(sock, _REQUEST.size)
         if request is None:
             return 0
-        key_fields, ops = request
-        key = rootfs.PlanKey(*key_fields)
+        (index,) = _REQUEST.unpack(request)
+        if index >= len(plans):
+            return 1
+        key, ops = plans[index]
         fds: list[int] = []
         try:
-            flags, notes, fds = _build(key, ops, own)
+            flags, notes, fds = _build(key, ops, own_mnt)
             reply: Any = ("ok", (flags, notes))
         except Exception as exc:
             reply = ("error", f"{type(exc).__name__}: {exc}")
@@ -164,17 +204,6 @@ def _serve(sock: socket.socket, parent: int) -> int:
         finally:
             for fd in fds:
                 os.close(fd)
-
-
-def _read_request(sock: socket.socket) -> tuple[Any, rootfs.Plan] | None:
-    header = _recv_exactly(sock, protocol.HEADER.size)
-    if header is None:
-        return None
-    body = _recv_exactly(sock, protocol.HEADER.unpack(header)[0])
-    if body is None:
-        return None
-    request: tuple[Any, rootfs.Plan] = marshal.loads(body)
-    return request
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
@@ -187,26 +216,31 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
     return data
 
 
-def _build(
-    key: rootfs.PlanKey, ops: rootfs.Plan, own: tuple[tuple[int, int], ...]
-) -> tuple[list[int], list[str], list[int]]:
-    """Enter fresh namespaces, assemble the root exactly as a child would, keep fds to them, come home."""
-    wanted = namespaces.for_container(rootless=False, network=key.network)
-    kinds = [(name, namespaces.FLAGS[name]) for name in _PREBUILT if name in wanted]
-    sc.unshare(namespaces.flags(name for name, _ in kinds))
-    fds: list[int] = []
+def _build(key: rootfs.PlanKey, ops: rootfs.Plan, own_mnt: int) -> tuple[list[int], list[str], list[int]]:
+    """M1 as host root, then U and the namespaces it owns; fds in the order PID 1 joins them."""
+    sc.unshare(sc.CLONE_NEWNS)
+    mnt = -1
     try:
         rootfs.enter_scratch()
         notes = rootfs.apply(ops)
-        fds = [os.open(f"{rootfs.OLD}/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name, _ in kinds]
-        if not key.network:
-            sc.interface_up("lo")
+        mnt = os.open(f"{rootfs.OLD}/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         rootfs.switch_root("/")
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        if mnt >= 0:
+            os.close(mnt)
         raise
     finally:
-        for fd, flag in own:
-            sc.setns(fd, flag)
-    return [flag for _, flag in kinds], notes, fds
+        sc.setns(own_mnt, sc.CLONE_NEWNS)
+    wanted = namespaces.for_container(rootless=False, network=key.network)
+    owned = [name for name in ("uts", "ipc", "net") if name in wanted]
+    try:
+        made = namespaces.make_userns(owned)
+    except BaseException:
+        os.close(mnt)
+        raise
+    names = ["user", *owned]
+    return (
+        [sc.CLONE_NEWNS, *(namespaces.FLAGS[n] for n in names)],
+        notes,
+        [mnt, *(made[n] for n in names)],
+    )

@@ -31,6 +31,11 @@ from . import _syscalls as sc
 OLD: Final = "/oldroot"
 NEW: Final = "/newroot"
 
+#: Parts of a fresh /proc that act on the whole host; PID 1 covers each that exists, read-only (root mode).
+PROC_COVERS: Final = ("sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "scsi", "driver", "latency_stats", "mtrr")
+#: Where root mode keeps its hidden read-only proc (see :func:`hide_readonly_proc`).
+HIDDEN_PROC: Final = "/dev/.lonely-proc"
+
 #: Device nodes bound into the container's /dev.  No block devices, ever.
 DEV_NODES: Final = ("null", "zero", "full", "random", "urandom", "tty")
 
@@ -266,20 +271,12 @@ def plan(layout: HostLayout, key: PlanKey) -> Plan:
     # /proc itself is mounted by PID 1 (mount_proc): it must show PID 1's own namespace.
     if key.rootfs is None:
         ops.append(("mkdirs", NEW + "/sys"))
-        if key.rootless and key.network:
-            ops.append(("bind_ro", OLD + "/sys", NEW + "/sys"))
-        else:
-            ops.append(
-                (
-                    "mount",
-                    "sysfs",
-                    NEW + "/sys",
-                    "sysfs",
-                    sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
-                    None,
-                )
-            )
-    _dev(ops, layout)
+        # A read-only bind of the host's, made before the user namespace that then locks it.  A fresh
+        # sysfs would have to be mounted after the new network namespace, so unlocked, and sysfs checks
+        # only the mode bits: root inside could remount it writable.  The price: with network=False,
+        # /sys/class/net shows the host's interfaces (read-only).
+        ops.append(("bind_ro", OLD + "/sys", NEW + "/sys"))
+    _dev(ops, layout, hidden_proc=not key.rootless)
     ops.append(("mkdirs", NEW + "/tmp"))
     ops.append(("mount", "tmpfs", NEW + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"))
     for path, want_cow in layout.needed:
@@ -304,10 +301,13 @@ def _expose(ops: list[Op], path: str, want_cow: bool, rootless: bool, counter: I
     ops.append(("optional", path, tuple(group)))
 
 
-def _dev(ops: list[Op], layout: HostLayout) -> None:
+def _dev(ops: list[Op], layout: HostLayout, hidden_proc: bool) -> None:
     dev = NEW + "/dev"
     ops.append(("mkdirs", dev))
-    ops.append(("mount", "tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755"))
+    # nodev: a node made here opens nothing; the bound nodes below are mounts of their own and keep working.
+    ops.append(("mount", "tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "mode=0755"))
+    if hidden_proc:
+        ops.append(("mkdirs", NEW + HIDDEN_PROC + "/proc"))
     for name in layout.dev_nodes:
         ops.append(("touch", f"{dev}/{name}"))
         ops.append(("mount", f"{OLD}/dev/{name}", f"{dev}/{name}", None, sc.MS_BIND, None))
@@ -338,6 +338,34 @@ def enter_scratch() -> None:
 def mount_proc(target: str) -> None:
     """A fresh /proc for the calling process's PID namespace; only PID 1 of that namespace calls this."""
     sc.mount("proc", target, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+
+
+def cover_proc(proc: str) -> None:
+    """Read-only binds over the parts of a fresh ``/proc`` that reach the whole host (bubblewrap's and Docker's list).
+
+    Made as host root before the user namespace, so the copy into it locks them: root inside cannot
+    remount or unmount them.  The uid-0 map makes euid 0 global root, and ``/proc/sys`` checks only
+    that, so nothing but these binds stops a sysctl write.  A fresh proc has no submounts, so its
+    flags are known and no ``statvfs`` is needed.
+    """
+    flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    for name in PROC_COVERS:
+        path = f"{proc}/{name}"
+        if os.path.lexists(path):
+            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+            sc.mount(None, path, None, flags)
+
+
+def hide_readonly_proc(root: str) -> None:
+    """A fully visible, read-only proc under an empty read-only tmpfs, so a nested PID namespace may mount one.
+
+    The kernel allows a new proc in a user namespace only if a proc at least as restrictive is fully
+    visible; ``/proc`` is not (its covers), this one is.  The tmpfs goes over its parent: a mount on the
+    proc itself would make it "not fully visible" again.
+    """
+    hidden = root + HIDDEN_PROC
+    sc.mount("proc", hidden + "/proc", "proc", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    sc.mount("tmpfs", hidden, "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "size=0")
 
 
 def _mkdirs(path: str) -> None:
@@ -378,7 +406,8 @@ def _cow(lower: str, target: str, n: int, rootless: bool) -> None:
         os.mkdir(f"/.u{n}", 0o755)
     os.mkdir(f"/.w{n}", 0o755)
     try:
-        sc.mount("overlay", target, "overlay", 0, _overlay_data(lower, n, rootless))
+        # nodev: a device node in a lower layer (or made by a test) must not open the host's device.
+        sc.mount("overlay", target, "overlay", sc.MS_NODEV, _overlay_data(lower, n, rootless))
     except OSError:
         _bind_ro(lower, target)
 

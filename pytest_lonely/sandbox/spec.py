@@ -30,6 +30,10 @@ class ContainerSpec:
     limits: Limits = Limits()
     #: Measure peak memory, CPU time and processes in a cgroup of its own.
     usage: bool = False
+    #: Host root with every capability (no user namespace, no locked mounts): the old, weaker boundary.
+    privileged: bool = False
+    #: fds above 2 the body may keep (pytest's capture files); every other inherited fd is closed inside.
+    keep_fds: tuple[int, ...] = ()
 
     @property
     def namespaces(self) -> frozenset[str]:
