@@ -105,7 +105,7 @@ class Engine:
     def userns(self) -> int:
         """One user namespace for the session's children that build their own root (one fork, once)."""
         if self._userns_fd < 0:
-            self._userns_fd = namespaces.make_userns()["user"]
+            self._userns_fd = namespaces.make_userns()
         return self._userns_fd
 
     def close(self) -> None:

@@ -13,9 +13,11 @@ lock still happens in the container's PID 1 (docs/boundary-design.md):
 * M1: a mount namespace owned by the initial user namespace, holding the
   assembled root, ``/sys`` bound read-only, the host tree detached; no
   ``/proc``, which must show PID 1's own PID namespace;
-* U: a fresh identity-mapped user namespace;
-* UTS, IPC (and network) namespaces owned by U, made by a short-lived worker
-  (a process cannot leave a user namespace), ``lo`` up.
+* U: an identity-mapped user namespace, one per helper (the containers that
+  build their own root share the launcher's one the same way);
+* fresh UTS, IPC (and network) namespaces owned by U, made by a worker that
+  lives in U (a process cannot leave a user namespace), ``lo`` up: one fork
+  per helper, not one per container.
 
 The helper runs as host root, so it takes no orders: the plans are in its
 memory from the fork (:meth:`NamespacePool.prefetch` starts a new helper when
@@ -185,6 +187,7 @@ def _serve(sock: socket.socket, parent: int, plans: tuple[tuple[rootfs.PlanKey, 
     """
     process.guard_parent(parent)
     own_mnt = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    owner = namespaces.UsernsWorker()
     while True:
         request = _recv_exactly(sock, _REQUEST.size)
         if request is None:
@@ -195,7 +198,7 @@ def _serve(sock: socket.socket, parent: int, plans: tuple[tuple[rootfs.PlanKey, 
         key, ops = plans[index]
         fds: list[int] = []
         try:
-            flags, notes, fds = _build(key, ops, own_mnt)
+            flags, notes, fds = _build(key, ops, own_mnt, owner)
             reply: Any = ("ok", (flags, notes))
         except Exception as exc:
             reply = ("error", f"{type(exc).__name__}: {exc}")
@@ -216,7 +219,9 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
     return data
 
 
-def _build(key: rootfs.PlanKey, ops: rootfs.Plan, own_mnt: int) -> tuple[list[int], list[str], list[int]]:
+def _build(
+    key: rootfs.PlanKey, ops: rootfs.Plan, own_mnt: int, owner: namespaces.UsernsWorker
+) -> tuple[list[int], list[str], list[int]]:
     """M1 as host root, then U and the namespaces it owns; fds in the order PID 1 joins them."""
     sc.unshare(sc.CLONE_NEWNS)
     mnt = -1
@@ -231,16 +236,10 @@ def _build(key: rootfs.PlanKey, ops: rootfs.Plan, own_mnt: int) -> tuple[list[in
         raise
     finally:
         sc.setns(own_mnt, sc.CLONE_NEWNS)
-    wanted = namespaces.for_container(rootless=False, network=key.network)
-    owned = [name for name in ("uts", "ipc", "net") if name in wanted]
     try:
-        made = namespaces.make_userns(owned)
+        made = owner.make(key.network)
     except BaseException:
         os.close(mnt)
         raise
-    names = ["user", *owned]
-    return (
-        [sc.CLONE_NEWNS, *(namespaces.FLAGS[n] for n in names)],
-        notes,
-        [mnt, *(made[n] for n in names)],
-    )
+    names = list(made)  # user first, then the namespaces it owns
+    return [sc.CLONE_NEWNS, *(namespaces.FLAGS[n] for n in names)], notes, [mnt, *made.values()]
