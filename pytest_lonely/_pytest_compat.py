@@ -176,7 +176,9 @@ def setup_broader_fixtures(item: pytest.Item) -> None:
     try:
         for name in item.fixturenames:  # type: ignore[attr-defined]
             defs = fixtureinfo.name2fixturedefs.get(name)
-            if defs and defs[-1].scope != "function":
+            # pytest 8.0-8.1 bind a unittest class's xunit fixtures (setUpClass) to the TestCase
+            # instance, which only the item's own setup makes: those are left to the child.
+            if defs and defs[-1].scope != "function" and not getattr(defs[-1], "unittest", False):
                 request.getfixturevalue(name)
     finally:
         finalizers, _ = state.stack.pop(item)

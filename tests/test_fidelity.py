@@ -503,9 +503,15 @@ def _example_db_entries(root: Path) -> list[Path]:
     return [p for p in examples.rglob("*") if p.is_file()] if examples.is_dir() else []
 
 
+_CI_VARIABLES = (
+    "CI", "TF_BUILD", "BUILDKITE", "CIRCLECI", "CIRRUS_CI", "CODEBUILD_BUILD_ID", "GITHUB_ACTIONS",
+    "GITLAB_CI", "HEROKU_TEST_RUN_ID", "TEAMCITY_VERSION", "bamboo.buildKey",
+)  # fmt: skip
+
+
 @needs_hypothesis
 def test_hypothesis_example_database_kept_or_warned_once(
-    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely
+    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Bug 2 (a per-session result on disk): hypothesis saves a failing example to ``.hypothesis/examples``.
 
@@ -513,6 +519,9 @@ def test_hypothesis_example_database_kept_or_warned_once(
     lost with the copy-on-write root.  It must reach the host, or one warning
     names hypothesis and the test.
     """
+    # On CI, hypothesis' "ci" profile keeps no example database: look as a developer's machine does.
+    for name in _CI_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     pytester.makepyfile(test_hyp=HYPOTHESIS_FAILING)
     reference = run_in_process()
     assert reference.parseoutcomes() == {"failed": 1}

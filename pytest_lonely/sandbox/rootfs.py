@@ -162,9 +162,31 @@ def _needed_paths(rootdir: Path, cwd: str) -> list[tuple[str, bool]]:
         if with_key:
             ro.add(with_key)
     ro.update(p for p in sys.path if p and os.path.isabs(p))
+    ro.update(_imported_roots())
     wanted = [(os.path.realpath(p), False) for p in ro]
     wanted += [(os.path.realpath(str(rootdir)), True), (os.path.realpath(cwd), True)]
     return minimal_cover((p, cow) for p, cow in wanted if os.path.exists(p) and p != "/")
+
+
+def _imported_roots() -> set[str]:
+    """Where the loaded top-level packages live, when no ``sys.path`` entry shows it.
+
+    An editable install (``pip install -e``) is found by a meta-path finder
+    that maps the package to its checkout, which need not be on ``sys.path``:
+    a subprocess inside the container must still find it there.
+    """
+    roots: set[str] = set()
+    for name, module in list(sys.modules.items()):
+        if "." in name:
+            continue
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str) or not os.path.isabs(path):
+            continue
+        directory = os.path.dirname(path)
+        if os.path.basename(path) == "__init__.py":
+            directory = os.path.dirname(directory)
+        roots.add(directory)
+    return roots
 
 
 def _overlay_data(lower: str, n: int, rootless: bool) -> str:
