@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -15,6 +16,19 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURE_ROOTFS = REPO / "fixtures" / "rootfs"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 BUSYBOX_APPLETS = ("sh", "ls", "ps", "cat", "hostname", "id", "sleep", "echo", "mount", "true", "env")
+
+
+def requires_plugin(dist: str, module: str, *, builtin: bool = False) -> pytest.MarkDecorator:
+    """Skip a test whose inner sessions need the pytest plugin ``dist`` (importable as ``module``).
+
+    The inner sessions run this interpreter, so what is importable here is what
+    they have.  The reason names the distribution, so that ``python -m pytest``
+    without the ``test`` extras says what to install instead of failing on an
+    unknown option.  ``builtin`` is true where this pytest already ships the
+    feature (pytest 9's ``subtests``), and then nothing is needed.
+    """
+    missing = not builtin and importlib.util.find_spec(module) is None
+    return pytest.mark.skipif(missing, reason=f"needs the pytest plugin {dist} (pip install {dist})")
 
 
 _SLEEP_TAG = re.compile(r"(?<![\d.])(987\.\d+|654\.321)(?!\d)")

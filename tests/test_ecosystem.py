@@ -23,7 +23,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_ROOTFS, unique_sleeps
+from conftest import FIXTURE_ROOTFS, requires_plugin, unique_sleeps
+
+needs_xdist = requires_plugin("pytest-xdist", "xdist")
+needs_cov = requires_plugin("pytest-cov", "pytest_cov")
+needs_timeout = requires_plugin("pytest-timeout", "pytest_timeout")
+needs_reruns = requires_plugin("pytest-rerunfailures", "pytest_rerunfailures")
 
 RunLonely = Callable[..., pytest.RunResult]
 
@@ -156,6 +161,7 @@ def test_spread(n, record_property):
 """
 
 
+@needs_xdist
 def test_xdist_same_outcomes_as_serial_and_tarball_unpacked_once(
     pytester: pytest.Pytester, run_lonely: RunLonely, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -198,6 +204,7 @@ def test_xdist_same_outcomes_as_serial_and_tarball_unpacked_once(
     assert "ID=lonely" in (trees[0] / "etc" / "os-release").read_text()
 
 
+@needs_xdist
 def test_xdist_n_auto(pytester: pytest.Pytester, run_lonely: RunLonely) -> None:
     pytester.makepyfile(
         """
@@ -279,6 +286,7 @@ def total_percent(rows: list[str]) -> int:
     return int(match.group(1))
 
 
+@needs_cov
 def test_coverage_same_with_and_without_isolation(
     pytester: pytest.Pytester, run_lonely: RunLonely, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -666,6 +674,7 @@ def test_network_none_and_lonely_all(
 # --------------------------------------------------------------------------------------------------
 
 
+@needs_timeout
 def test_pytest_timeout_signal_method(pytester: pytest.Pytester, run_lonely: RunLonely) -> None:
     """pytest-timeout's alarm fires in the parent: a plain failure, and the container's daemon dies with it."""
     pytester.makepyfile(
@@ -747,6 +756,7 @@ def test_always_fails(container):
 """
 
 
+@needs_reruns
 def test_reruns_each_in_a_fresh_container(pytester: pytest.Pytester, run_lonely: RunLonely) -> None:
     """--reruns: each attempt gets a new container; state only passes through the parent (a session fixture)."""
     pytester.makeconftest(RERUN_CONFTEST)

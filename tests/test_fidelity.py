@@ -23,28 +23,27 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import requires_plugin
 
 RunLonely = Callable[..., pytest.RunResult]
 
 PYTEST_9 = pytest.version_tuple[0] >= 9
 
 
+@pytest.fixture(autouse=True)
+def _not_an_xdist_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inner sessions must not believe they are xdist workers when this suite runs under ``-n``.
+
+    pytest-benchmark turns itself off under xdist, and the conftests here name
+    their reports after ``PYTEST_XDIST_WORKER``.
+    """
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def requires_plugin(dist: str, module: str, *, builtin: bool = False) -> pytest.MarkDecorator:
-    """Skip a test whose inner sessions need the pytest plugin ``dist`` (importable as ``module``).
-
-    The inner sessions run this interpreter, so what is importable here is what
-    they have.  The reason names the distribution, so that ``python -m pytest``
-    on a machine without it says what to install instead of failing on an
-    unknown option.  ``builtin`` is true where this pytest already ships the
-    feature (pytest 9's ``subtests``), and then nothing is needed.
-    """
-    missing = not builtin and importlib.util.find_spec(module) is None
-    return pytest.mark.skipif(missing, reason=f"needs the pytest plugin {dist} (pip install {dist})")
 
 
 needs_subtests = requires_plugin("pytest-subtests", "pytest_subtests", builtin=PYTEST_9)
@@ -1122,12 +1121,15 @@ def test_hooks_without_optionalhook_are_pytests_own_error(pytester: pytest.Pytes
 # --------------------------------------------------------------------------------------------------
 
 
-def test_requires_plugin_skips_naming_the_plugin(pytester: pytest.Pytester) -> None:
+def test_requires_plugin_skips_naming_the_plugin(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bug 8: a test that needs a plugin that is not installed skips, and the reason names the plugin."""
+    # This suite's conftest, imported by the inner session as a plain module.
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    )
     pytester.makepyfile(
-        test_needs="import importlib.util\n\nimport pytest\n\n\n"
-        + inspect.getsource(requires_plugin)
-        + '\n\n@requires_plugin("pytest-surely-not-installed", "pytest_surely_not_installed")\n'
+        test_needs="from conftest import requires_plugin\n\n\n"
+        '@requires_plugin("pytest-surely-not-installed", "pytest_surely_not_installed")\n'
         "def test_needs_it():\n    raise AssertionError('must not run')\n\n\n"
         '@requires_plugin("pytest", "pytest")\ndef test_has_it():\n    pass\n'
     )

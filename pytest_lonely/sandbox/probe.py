@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING or sys.platform == "linux":  # _syscalls needs os.ST_NODEV and friends, which macOS lacks
-    from . import _syscalls
+    from . import _syscalls, namespaces, process
 
 __all__ = ["Availability", "detect_container", "diagnose", "probe", "read_sysctls"]
 
@@ -289,17 +289,17 @@ def _probe(rootless: bool, timeout: float) -> Availability:
     status: int | None = None
     chunks: list[bytes] = []
     try:
-        pid = _syscalls.fork()  # the child only makes system calls and is killed on a timeout
-        if pid == 0:  # pragma: no cover - runs in the child, which reports through the pipe
-            code = 1
+
+        def rehearse() -> int:  # pragma: no cover - runs in the child, which reports through the pipe
             try:
                 os.close(read_fd)
                 _child_main(write_fd, rootless, uid, gid, parent)
-                code = 0
+                return 0
             except BaseException as exc:
                 _report(write_fd, f"error {type(exc).__name__}: {exc}")
-            finally:
-                os._exit(code)
+                return 1
+
+        pid = process.spawn(rehearse)  # the child only makes system calls and is killed on a timeout
         os.close(write_fd)
         write_fd = -1
         if sys.platform == "linux":
@@ -382,10 +382,7 @@ def _drain(read_fd: int, chunks: list[bytes]) -> None:
 
 
 def _kill_and_reap(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+    process.kill_and_reap(pid)
 
 
 def _reap_orphaned_pid1(lines: list[str]) -> None:
@@ -447,26 +444,25 @@ def _child_main(fd: int, rootless: bool, uid: int, gid: int, parent: int) -> Non
             step = "gid_map"
             _write_file("/proc/self/gid_map", f"0 {gid} 1")
         step = "unshare"
-        _syscalls.unshare(
-            _syscalls.CLONE_NEWNS | _syscalls.CLONE_NEWPID | _syscalls.CLONE_NEWUTS | _syscalls.CLONE_NEWIPC
-        )
+        # The namespaces every container gets, from the one function the launcher asks too.
+        _syscalls.unshare(namespaces.flags(namespaces.for_container(rootless=False, network=True)))
         step = "make-private"
         _syscalls.mount(None, "/", None, _syscalls.MS_REC | _syscalls.MS_PRIVATE)
         step = "fork"
-        pid1 = os.fork()
+
+        def pid1_main() -> int:
+            try:
+                _syscalls.prctl(_syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # a killed child must take PID 1 along
+                _pid1_main(fd)
+                return 0
+            except BaseException as exc:
+                _report(fd, f"error {type(exc).__name__} in PID 1: {exc}")
+                return 1
+
+        pid1 = process.spawn(pid1_main)
     except OSError as exc:
         _report(fd, f"fail {step} {exc.errno or 0}")
         return
-    if pid1 == 0:
-        code = 1
-        try:
-            _syscalls.prctl(_syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # a killed child must take PID 1 along
-            _pid1_main(fd)
-            code = 0
-        except BaseException as exc:
-            _report(fd, f"error {type(exc).__name__} in PID 1: {exc}")
-        finally:
-            os._exit(code)
     _report(fd, f"pid1 {pid1}")
     _, status = os.waitpid(pid1, 0)
     if status != 0:
