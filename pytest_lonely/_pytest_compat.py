@@ -16,6 +16,7 @@ instead of taking the session down.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Generator
 from typing import Any, Final
 
@@ -336,3 +337,41 @@ def capture_fds(config: pytest.Config) -> tuple[int, ...]:
         if isinstance(fileno, int) and fileno > 2:
             fds.add(fileno)
     return tuple(sorted(fds))
+
+
+# --- capture ------------------------------------------------------------------------------------
+
+
+class Capture:
+    """pytest's ``CaptureManager``, which has no public API, for the parent's side of one test.
+
+    ``item_capture`` files what a phase printed under the item, as pytest
+    does; the global capture is kept on while a container runs, so the
+    parent's threads are captured into the running test, and turned off
+    around each report, which the terminal must show.  Without the capture
+    plugin (``-p no:capture``) everything here does nothing.
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self._capman: Any = config.pluginmanager.getplugin("capturemanager")
+
+    def phase(self, when: str, item: pytest.Item) -> contextlib.AbstractContextManager[None]:
+        if self._capman is None:
+            return contextlib.nullcontext()
+        manager: contextlib.AbstractContextManager[None] = self._capman.item_capture(when, item)
+        return manager
+
+    def resume(self) -> None:
+        if self._capman is not None:
+            self._capman.resume_global_capture()
+
+    def suspend(self) -> None:
+        if self._capman is not None:
+            self._capman.suspend_global_capture(in_=False)
+
+    def read(self) -> tuple[str, str]:
+        """What was captured since the last read (a crashed container's last output)."""
+        if self._capman is None:
+            return "", ""
+        out, err = self._capman.read_global_capture()
+        return str(out), str(err)

@@ -10,7 +10,7 @@ them.
 from __future__ import annotations
 
 import os
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import pytest
 
@@ -73,7 +73,7 @@ class Reporter:
 
         return self.make(pytest.CallInfo.from_call(raise_, when=when))
 
-    def conclude(self, outcome: Outcome, timeout: float, memory: int | None, capman: Any) -> None:
+    def conclude(self, outcome: Outcome, timeout: float, memory: int | None, capture: compat.Capture) -> None:
         """Act on how the container ended: re-raise an exit, or make the missing phase's report."""
         if outcome.kind == "exit":
             msg, returncode = outcome.payload
@@ -98,12 +98,11 @@ class Reporter:
         phase = self.missing_phase()
         if phase == "teardown" and self.held_teardown is not None:
             return  # the teardown report arrived complete; whatever killed the container came after
-        if capman is not None:
-            out, err = capman.read_global_capture()
-            if out:
-                self.item.add_report_section(phase, "stdout", out)
-            if err:
-                self.item.add_report_section(phase, "stderr", err)
+        out, err = capture.read()
+        if out:
+            self.item.add_report_section(phase, "stdout", out)
+        if err:
+            self.item.add_report_section(phase, "stderr", err)
         if phase == "call":
             compat.ensure_xfail_evaluated(self.item)
         report = self.fail(phase, message)

@@ -36,7 +36,7 @@ class IsolatedRun:
         self.nextitem = item if may_rerun else nextitem
         self.config = item.config
         self.state = self.config.stash[SESSION_KEY]
-        self.capman = self.config.pluginmanager.getplugin("capturemanager")
+        self.capture = compat.Capture(self.config)
         self.reporter = Reporter(item, attempt, may_rerun)
         self._handlers: dict[protocol.Kind, Callable[[Any], None]] = {
             protocol.Kind.REPORT: lambda data: self.reporter.log(wire.decode_report(self.config, data)),
@@ -51,9 +51,7 @@ class IsolatedRun:
     def in_parent(self, when: Phase, func: Callable[[], None]) -> pytest.CallInfo[None]:
         """Run ``func`` with output captured into the item's sections, as pytest does for its own phases."""
         reraise = compat.reraise_exceptions(self.config)
-        if self.capman is None:
-            return pytest.CallInfo.from_call(func, when=when, reraise=reraise)
-        with self.capman.item_capture(when, self.item):
+        with self.capture.phase(when, self.item):
             return pytest.CallInfo.from_call(func, when=when, reraise=reraise)
 
     def run(self) -> None:
@@ -90,7 +88,7 @@ class IsolatedRun:
             self._suspend_capture()
         if outcome.usage is not None:
             self.state.usage[item.nodeid] = outcome.usage
-        self.reporter.conclude(outcome, ready.spec.timeout, ready.spec.memory, self.capman)
+        self.reporter.conclude(outcome, ready.spec.timeout, ready.spec.memory, self.capture)
         preflight.note_lost_example(item, any(r.failed for r in self.reporter.seen.values()), self.state)
         self.teardown()
         compat.release_request(item)
@@ -114,12 +112,10 @@ class IsolatedRun:
 
     def _resume_capture(self) -> None:
         """Keep capturing while the container runs: a parent thread's output belongs to the running test."""
-        if self.capman is not None:
-            self.capman.resume_global_capture()
+        self.capture.resume()
 
     def _suspend_capture(self) -> None:
-        if self.capman is not None:
-            self.capman.suspend_global_capture(in_=False)
+        self.capture.suspend()
 
     def _warn(self, payload: dict[str, Any]) -> None:
         record = wire.decode_warning(payload)
