@@ -713,3 +713,57 @@ def test_rootless_refuses_limits_with_the_fix_and_runs_the_rest(nobody_python: t
             assert part in case.message, (name, part, case.message)
     assert "all isolated tests by peak memory" in out, out
     assert re.search(r"lonely: usage cannot be measured here: .*not delegated.*Delegate=yes", out), out
+
+
+# --------------------------------------------------------------------------- the boundary holds the limits
+
+SHUT_IN = """
+import ctypes
+import errno
+import os
+import tempfile
+
+import pytest
+
+
+def _tries(path, text):
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+@pytest.mark.isolated(memory="64M", pids=32)
+def test_cannot_raise_its_limits_or_leave(record_property):
+    own = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f.read().splitlines():
+            _, names, path = line.split(":", 2)
+            own[names] = path
+    results = {}
+    # Through the host's hierarchies as /sys shows them inside (a read-only view).
+    for controller, name, value in (("memory", "memory.limit_in_bytes", "-1"), ("pids", "pids.max", "max")):
+        base = "/sys/fs/cgroup/" + controller
+        if os.path.isdir(base + own[controller]):
+            results["sys-" + controller] = _tries(base + own[controller] + "/" + name, value)
+            results["sys-leave-" + controller] = _tries(base + "/cgroup.procs", "0")
+    # Through a fresh mount of the hierarchy: refused outright.
+    where = tempfile.mkdtemp()
+    libc = ctypes.CDLL(None, use_errno=True)
+    results["mount"] = 0 if libc.mount(b"cgroup", where.encode(), b"cgroup", 0, b"memory") == 0 else ctypes.get_errno()
+    record_property("results", repr(results))
+    assert results["mount"] != 0, results
+    assert all(code != 0 for code in results.values()), results
+"""
+
+
+@needs("memory", "pids")
+def test_a_container_cannot_raise_its_limits_or_leave_its_cgroup(
+    pytester: pytest.Pytester, run_lonely: RunLonely
+) -> None:
+    """With the boundary, root inside is not the host's root: the cgroup files are out of reach."""
+    pytester.makepyfile(test_shut_in=SHUT_IN)
+    result = run_lonely("-rA")
+    result.assert_outcomes(passed=1)
