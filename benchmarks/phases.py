@@ -2,8 +2,8 @@
 
 Why a timeline: ``overhead.py`` says how much an isolated test costs, not
 which step costs it.  This script runs trivial isolated tests under an inner
-conftest that wraps the plugin's own functions (``Launcher.run``, ``_fork``,
-``_read``, ``reap``, ``child.main``, ``_pid1``, ``_run_phases``,
+conftest that wraps the plugin's own functions (``Engine.run``, ``_fork``,
+``_read``, ``reap``, ``init.main``, ``_pid1``, ``runtestprotocol``,
 ``rootfs.mount_proc`` ...) and ``os.fork``/``os.setns``/``socket.sethostname``,
 and stamps each step with ``time.perf_counter_ns()``.  That is
 ``CLOCK_MONOTONIC``, which a fork and a new PID namespace share, so the
@@ -223,7 +223,7 @@ def make_pid1(original):
 
 
 def make_phases(original):
-    def _run_phases(*args, **kwargs):
+    def runtestprotocol(*args, **kwargs):
         put("C_PHASES_START")
         put("F_PHASES_START", faults())
         try:
@@ -231,7 +231,7 @@ def make_phases(original):
         finally:
             put("C_PHASES_END")
             put("F_PHASES_END", faults())
-    return _run_phases
+    return runtestprotocol
 
 
 def make_setns(original):
@@ -260,13 +260,13 @@ def make_stamp(name, when=in_child):
 patch("os", "fork", make_fork)
 patch("pytest_lonely.sandbox._syscalls", "setns", make_setns)
 patch("socket", "sethostname", around("C_HOST_START", "C_HOST_END", in_child))
-patch("pytest_lonely.launcher", "Launcher.run", around("P_RUN_START", "P_RUN_END"))
-patch("pytest_lonely.launcher", "Launcher._fork", make_launcher_fork)
-patch("pytest_lonely.launcher", "Launcher._read", around("P_READ_START", "P_READ_END", in_parent))
-patch("pytest_lonely.launcher", "Launcher.reap", around("P_REAP_START", "P_REAP_END", in_parent, first_only=True))
-patch("pytest_lonely.child", "main", make_stamp("C_MAIN"))
-patch("pytest_lonely.child", "_pid1", make_pid1)
-patch("pytest_lonely.child", "_run_phases", make_phases)
+patch("pytest_lonely.sandbox.launcher", "Engine.run", around("P_RUN_START", "P_RUN_END"))
+patch("pytest_lonely.sandbox.launcher", "Engine._fork", make_launcher_fork)
+patch("pytest_lonely.sandbox.launcher", "Engine._read", around("P_READ_START", "P_READ_END", in_parent))
+patch("pytest_lonely.sandbox.launcher", "Engine.reap", around("P_REAP_START", "P_REAP_END", in_parent, first_only=True))
+patch("pytest_lonely.sandbox.init", "main", make_stamp("C_MAIN"))
+patch("pytest_lonely.sandbox.init", "_pid1", make_pid1)
+patch("pytest_lonely._pytest_compat", "runtestprotocol", make_phases)
 patch("pytest_lonely.sandbox.rootfs", "mount_proc", around("C_PROC_START", "C_PROC_END", in_child))
 patch("pytest_lonely.sandbox.rootfs", "enter_cwd", around("C_CWD_START", "C_CWD_END", in_child))
 patch("pytest_lonely.sandbox.rootfs", "enter_scratch", make_stamp("C_BUILD_START"))
@@ -333,19 +333,19 @@ def test_x(i):
 
 #: Table rows: (label, start event, end event); consecutive steps of one test's critical path.
 PHASES: Final = (
-    ("parent: protocol start → Launcher.run (spec, plan, setup in parent)", "P_PROTO_START", "P_RUN_START"),
+    ("parent: protocol start → Engine.run (spec, plan, setup in parent)", "P_PROTO_START", "P_RUN_START"),
     ("parent: reap finished containers (waitpid WNOHANG)", "P_REAP_START", "P_REAP_END"),
-    ("parent: Launcher.run → _fork (pipe, Launch)", "P_REAP_END", "P_FORK_START"),
+    ("parent: Engine.run → _fork (pipe, Launch)", "P_REAP_END", "P_FORK_START"),
     ("parent: gc.freeze, unshare(CLONE_NEWPID), fork wrapper", "P_FORK_START", "P_SYSFORK_START"),
     ("fork: until the child runs", "P_SYSFORK_START", "C_START"),
-    ("child: fork return → child.main", "C_START", "C_MAIN"),
-    ("child: child.main → _pid1 (PDEATHSIG, /proc/self/stat, unshare if not pre-built)", "C_MAIN", "C_PID1"),
+    ("child: fork return → init.main", "C_START", "C_MAIN"),
+    ("child: init.main → _pid1 (PDEATHSIG, /proc/self/stat, unshare if not pre-built)", "C_MAIN", "C_PID1"),
     ("child: namespace join (setns into the pre-built namespaces)", "C_SETNS_START", "C_SETNS_END"),
     ("child: build the root (no pre-built namespaces: scratch, mount plan, pivot)", "C_BUILD_START", "C_BUILD_END"),
     ("child: mount /proc", "C_PROC_START", "C_PROC_END"),
     ("child: enter cwd", "C_CWD_START", "C_CWD_END"),
     ("child: sethostname", "C_HOST_START", "C_HOST_END"),
-    ("child: sethostname → _run_phases (lo, uname cache, faulthandler, warnings)", "C_HOST_END", "C_PHASES_START"),
+    ("child: sethostname → runtestprotocol (lo, uname cache, faulthandler, warnings)", "C_HOST_END", "C_PHASES_START"),
     ("child: runtestprotocol → setup hook (patching, first hooks)", "C_PHASES_START", "C_SETUP"),
     ("child: setup hooks and fixtures", "C_SETUP", "C_SETUP_REP"),
     ("child: setup report (make, serialize, send)", "C_SETUP_REP", "C_CALL"),
@@ -353,10 +353,10 @@ PHASES: Final = (
     ("child: call report (make, serialize, send)", "C_CALL_REP", "C_TEARDOWN"),
     ("child: teardown hooks", "C_TEARDOWN", "C_TEARDOWN_REP"),
     ("child: teardown report (make, serialize, send)", "C_TEARDOWN_REP", "C_PHASES_END"),
-    ("child: _run_phases → DONE sent (warnings, flush)", "C_PHASES_END", "C_PID1_END"),
+    ("child: runtestprotocol → DONE sent (warnings, flush)", "C_PHASES_END", "C_PID1_END"),
     ("pipe: DONE sent → parent's _read returns", "C_PID1_END", "P_READ_END"),
-    ("parent: _read → Launcher.run returns", "P_READ_END", "P_RUN_END"),
-    ("parent: Launcher.run → protocol end (conclude: log reports, teardown, hooks)", "P_RUN_END", "P_PROTO_END"),
+    ("parent: _read → Engine.run returns", "P_READ_END", "P_RUN_END"),
+    ("parent: Engine.run → protocol end (conclude: log reports, teardown, hooks)", "P_RUN_END", "P_PROTO_END"),
 )
 OVERLAPPING: Final = (
     ("parent: fork() returns in the parent (copy of the page tables)", "P_SYSFORK_START", "P_SYSFORK_END"),
@@ -367,7 +367,7 @@ OVERLAPPING: Final = (
 )
 FAULTS: Final = (
     ("child: fork → _pid1", "F_START", "F_PID1"),
-    ("child: _pid1 → _run_phases (join, /proc, hostname, ...)", "F_PID1", "F_PHASES_START"),
+    ("child: _pid1 → runtestprotocol (join, /proc, hostname, ...)", "F_PID1", "F_PHASES_START"),
     ("child: runtestprotocol", "F_PHASES_START", "F_PHASES_END"),
     ("child: after runtestprotocol → DONE", "F_PHASES_END", "F_PID1_END"),
     ("child: total until DONE", "F_START", "F_PID1_END"),

@@ -46,21 +46,30 @@ def setup_container_hook(item: pytest.Item) -> None:
         item.config.hook.pytest_lonely_setup_container(container=_current, item=item)
 
 
-class _Forwarder:
-    """Sends what the outer session logs to the parent; registered in the child only."""
+class Forwarder:
+    """Sends what the outer session logs to the parent.
 
-    def __init__(self, config: pytest.Config, send: protocol.Sender) -> None:
+    Registered once, in the parent at configure time, where it does nothing:
+    registering a plugin replays every historic hook call to it, which would
+    cost each container milliseconds.  Inside a container it is given the
+    pipe, and every other implementation of its two hooks is silenced.
+    """
+
+    NAME = "lonely-forwarder"
+
+    def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.send = send
-        #: Off while registering: the historic ``pytest_warning_recorded`` replays the session's past warnings.
-        self.active = False
+        self.send: protocol.Sender | None = None
 
+    @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        _check_properties(report)
-        self.send(protocol.Kind.REPORT, wire.encode_report(self.config, report))
+        if self.send is not None:
+            _check_properties(report)
+            self.send(protocol.Kind.REPORT, wire.encode_report(self.config, report))
 
+    @pytest.hookimpl(tryfirst=True)
     def pytest_warning_recorded(self, warning_message: warnings.WarningMessage) -> None:
-        if self.active:
+        if self.send is not None:
             self.send(protocol.Kind.WARNING, wire.encode_warning(warning_message))
 
 
@@ -73,9 +82,11 @@ def body_for(item: pytest.Item, container: Container, coverage: bool) -> Body:
         _current_item = item
         send = inside.send
         pm = item.config.pluginmanager
-        forwarder = _Forwarder(item.config, send)
-        pm.register(forwarder, "lonely-forwarder")
-        forwarder.active = True
+        forwarder = pm.get_plugin(Forwarder.NAME)
+        if not isinstance(forwarder, Forwarder):  # pragma: no cover - registered by pytest_configure
+            forwarder = Forwarder(item.config)
+            pm.register(forwarder, Forwarder.NAME)
+        forwarder.send = send
         compat.silence_hook(pm, "pytest_runtest_logreport", forwarder)
         compat.silence_hook(pm, "pytest_warning_recorded", forwarder)
         compat.stop_teardown_at_item(item)

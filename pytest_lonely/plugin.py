@@ -55,6 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except settings.SettingError as exc:
         raise pytest.UsageError(str(exc)) from None
     state = config.stash[SESSION_KEY] = Session(config, defaults, options)
+    config.pluginmanager.register(child.Forwarder(config), child.Forwarder.NAME)
     if defaults.rootfs is not None and defaults.rootfs.image is not None and state.disabled is None:
         # A bad image given for the whole run is a usage error now, not one failure per test later.
         try:
