@@ -299,16 +299,21 @@ def failed_subtests(config: pytest.Config, report: pytest.TestReport) -> int:
     if _failed_subtests_key is None or (_SubtestReport is not None and isinstance(report, _SubtestReport)):
         return 0
     try:
-        return int(config.stash[_failed_subtests_key].get(report.id, 0))
+        return int(config.stash[_failed_subtests_key].get(_subtest_key(report), 0))
     except (KeyError, AttributeError, TypeError):
         return 0
+
+
+def _subtest_key(report: pytest.TestReport) -> object:
+    """pytest 9.0-9.1 count failed subtests by ``report.nodeid``, 9.2 by the ``report.id`` object."""
+    return report.nodeid if _version() < (9, 2) else getattr(report, "id", report.nodeid)
 
 
 def set_failed_subtests(config: pytest.Config, report: pytest.TestReport, count: int) -> None:
     if _failed_subtests_key is None:
         return
     try:
-        config.stash[_failed_subtests_key][report.id] = count
+        config.stash[_failed_subtests_key][_subtest_key(report)] = count
     except (KeyError, AttributeError, TypeError):
         pass
 
