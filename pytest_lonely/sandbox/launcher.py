@@ -67,6 +67,12 @@ class Outcome:
     usage: cgroup.Usage | None = None
 
 
+def _remove(group: cgroup.Cgroup) -> None:
+    """Kill what is left in a container's cgroup and remove it; the session's cleanup retries a failure."""
+    with contextlib.suppress(cgroup.CgroupError, OSError):
+        group.remove()
+
+
 def describe_status(status: int | None) -> str:
     if status is None:
         return "container ended without a status"
@@ -86,7 +92,10 @@ class Engine:
         self.rootless = rootless
         self._pidns_fd = -1 if rootless else os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self._diag_fd = os.memfd_create("lonely-diag", os.MFD_CLOEXEC)
-        self._unreaped: list[int] = []
+        #: A cgroup made ahead of time for the next container: (limits, usage, cgroup).
+        self._spare: tuple[cgroup.Limits, bool, cgroup.Cgroup] | None = None
+        #: Finished containers not waited for yet, with the cgroup to remove once they are gone.
+        self._unreaped: list[tuple[int, cgroup.Cgroup | None]] = []
         # gc.unfreeze() thaws everything: if the user froze objects before the first container
         # (their own fork-friendliness), keep all frozen rather than undo their freeze.
         self._thaw = gc.get_freeze_count() == 0
@@ -110,6 +119,9 @@ class Engine:
 
     def close(self) -> None:
         self.reap(block=True)
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            _remove(spare[2])
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -123,32 +135,35 @@ class Engine:
         return bool(self._unreaped)
 
     def reap(self, block: bool = False) -> None:
-        """Collect finished containers; with ``block``, wait for all of them."""
-        still: list[int] = []
-        for pid in self._unreaped:
+        """Collect finished containers and remove their cgroups; with ``block``, wait for all of them."""
+        still: list[tuple[int, cgroup.Cgroup | None]] = []
+        for pid, group in self._unreaped:
             try:
                 done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
             except ChildProcessError:
-                continue
+                done = pid
             if not done:
-                still.append(pid)
+                still.append((pid, group))
+            elif group is not None:
+                _remove(group)
         self._unreaped = still
 
     def run(self, spec: ContainerSpec, body: Body, on_frame: OnFrame, need_status: bool = False) -> Outcome:
         """Run ``body`` as PID 1 of a container built from ``spec``, to its end."""
-        self.reap()
         group = None
         if spec.limits or spec.usage:
-            try:
-                group = cgroup.manager().create(spec.id, spec.limits, spec.usage)
-            except (cgroup.CgroupError, OSError) as exc:
-                return Outcome("error", payload=f"could not create the container's cgroup: {exc}")
+            group = self._take_spare(spec)
+            if group is None:
+                try:
+                    group = cgroup.manager().create(spec.id, spec.limits, spec.usage)
+                except (cgroup.CgroupError, OSError) as exc:
+                    return Outcome("error", payload=f"could not create the container's cgroup: {exc}")
         try:
             return self._run(spec, body, on_frame, need_status, group)
-        finally:
+        except BaseException:
             if group is not None:
-                with contextlib.suppress(cgroup.CgroupError):  # the session's cleanup tries again
-                    group.remove()
+                _remove(group)
+            raise
 
     def _run(
         self, spec: ContainerSpec, body: Body, on_frame: OnFrame, need_status: bool, group: cgroup.Cgroup | None
@@ -196,6 +211,11 @@ class Engine:
             prepared.close()
         if pool is not None:
             pool.prefetch(spec.plan_key, spec.plan)
+        # While the child starts on another core: collect finished containers, and make the next
+        # test's cgroup (most likely it asks for the same limits as this one).
+        self.reap()
+        if group is not None:
+            self._make_spare(spec)
         start = time.monotonic()
         outcome = Outcome("crashed", host_pid=0 if self.rootless else pid)
         deadline = start + spec.timeout + TIMEOUT_GRACE if spec.timeout else None
@@ -211,24 +231,41 @@ class Engine:
         if outcome.kind == "timeout":
             process.kill(pid, outcome.host_pid)
         if group is not None:
-            # Measured before the kill; the cgroup is removed by run() once every process is gone.
+            # Read while PID 1 still lives; the cgroup goes once the container is reaped.
             if spec.usage:
                 outcome.usage = group.usage()
-            group.kill()
             outcome.oom_killed = bool(spec.limits.memory) and group.oom_killed()
-            need_status = True
         if outcome.kind in ("crashed", "timeout", "error") or need_status:
             _, status = os.waitpid(pid, 0)
             outcome.exitstatus = os.waitstatus_to_exitcode(status)
+            if group is not None:
+                _remove(group)
         else:
             # Namespace teardown happens as the child exits; nobody needs to wait for it here.
-            self._unreaped.append(pid)
+            self._unreaped.append((pid, group))
         if outcome.kind in ("crashed", "timeout"):
             size = os.fstat(self._diag_fd).st_size
             outcome.diag = os.pread(self._diag_fd, size, 0).decode("utf-8", "replace") if size else ""
             if outcome.kind == "crashed" and spec.timeout and outcome.diag.startswith("Timeout ("):
                 outcome.kind = "timeout"
         return outcome
+
+    def _take_spare(self, spec: ContainerSpec) -> cgroup.Cgroup | None:
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        limits, usage, group = spare
+        if limits == spec.limits and usage == spec.usage:
+            return group
+        _remove(group)
+        return None
+
+    def _make_spare(self, spec: ContainerSpec) -> None:
+        if self._spare is not None:
+            return
+        with contextlib.suppress(cgroup.CgroupError, OSError):  # the next test makes its own, and says why
+            group = cgroup.manager().create(os.urandom(6).hex(), spec.limits, spec.usage)
+            self._spare = (spec.limits, spec.usage, group)
 
     def _fork(self, launch: init.Launch, read_fd: int) -> int:
         # Frozen objects stay out of the child's GC, which would otherwise write-fault on pages all

@@ -13,7 +13,7 @@ from .cgroup import Limits
 class ContainerSpec:
     """One container, fully decided: the child does no planning."""
 
-    #: Unique in this run; names the container's cgroup.
+    #: Unique in this run; names the container's cgroup unless one was made ahead of time.
     id: str
     hostname: str
     rootless: bool
