@@ -28,11 +28,20 @@ HOST_CONFTEST = """
 import os
 import sys
 
+import pytest_lonely
+
 HOST_CWD = os.getcwd()
 HOST_PATHS = sorted(
     {
         p
-        for p in [*sys.path, sys.executable, os.path.realpath(sys.executable), sys.prefix, sys.base_prefix]
+        for p in [
+            *sys.path,
+            sys.executable,
+            os.path.realpath(sys.executable),
+            sys.prefix,
+            sys.base_prefix,
+            os.path.dirname(pytest_lonely.__file__),  # an editable install's checkout need not be on sys.path
+        ]
         if p and os.path.isabs(p) and os.path.exists(p)
     }
 )

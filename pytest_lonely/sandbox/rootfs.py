@@ -182,10 +182,7 @@ def _imported_roots() -> set[str]:
         path = getattr(module, "__file__", None)
         if not isinstance(path, str) or not os.path.isabs(path):
             continue
-        directory = os.path.dirname(path)
-        if os.path.basename(path) == "__init__.py":
-            directory = os.path.dirname(directory)
-        roots.add(directory)
+        roots.add(os.path.dirname(path))  # a package's own directory, or the one holding a module
     return roots
 
 
