@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
 import shutil
 import stat
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,3 +100,27 @@ def busybox_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / "bin" / applet).symlink_to("/bin/busybox")
     (root / "etc" / "os-release").write_text('NAME="BusyBox"\nID=busybox\n')
     return root
+
+
+# --- junitxml of inner sessions ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    outcome: str  # passed, failed, error or skipped
+    message: str
+    properties: dict[str, str]
+
+
+def parse_junit(path: Path) -> dict[str, Case]:
+    cases: dict[str, Case] = {}
+    for case in ET.parse(path).iter("testcase"):
+        outcome, message = "passed", ""
+        for kind in ("skipped", "error", "failure"):
+            element = case.find(kind)
+            if element is not None:
+                outcome = "failed" if kind == "failure" else kind
+                message = (element.get("message") or "") + "\n" + (element.text or "")
+        properties = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
+        cases[case.get("name", "")] = Case(outcome, message, properties)
+    return cases

@@ -13,18 +13,17 @@ with a sentence naming the cause and the fix.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import parse_junit
 from rootless_env import (
     CLEAN_ENV,
     NOBODY,
@@ -95,27 +94,6 @@ def no_cgroups_left() -> Iterator[None]:
         if (m := SESSION_DIR.match(os.path.basename(path))) is None or not alive(int(m.group(1)))
     }
     assert not left, f"cgroups left behind: {sorted(left)}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    outcome: str  # passed, failed, error or skipped
-    message: str
-    properties: dict[str, str]
-
-
-def parse_junit(path: Path) -> dict[str, Case]:
-    cases: dict[str, Case] = {}
-    for case in ET.parse(path).iter("testcase"):
-        outcome, message = "passed", ""
-        for kind in ("skipped", "error", "failure"):
-            element = case.find(kind)
-            if element is not None:
-                outcome = "failed" if kind == "failure" else kind
-                message = (element.get("message") or "") + "\n" + (element.text or "")
-        properties = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
-        cases[case.get("name", "")] = Case(outcome, message, properties)
-    return cases
 
 
 def own_cgroups(text: str) -> dict[str, str]:

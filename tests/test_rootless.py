@@ -27,12 +27,11 @@ import socket
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BUSYBOX, BUSYBOX_APPLETS, FIXTURE_ROOTFS
+from conftest import BUSYBOX, BUSYBOX_APPLETS, FIXTURE_ROOTFS, Case, parse_junit
 from rootless_env import (
     CLEAN_ENV,
     NOBODY,
@@ -105,27 +104,6 @@ def env() -> Iterator[Env]:
     finally:
         shutil.rmtree(base)
         assert not base.exists()
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    outcome: str  # passed, failed, error or skipped
-    message: str
-    properties: dict[str, str]
-
-
-def parse_junit(path: Path) -> dict[str, Case]:
-    cases: dict[str, Case] = {}
-    for case in ET.parse(path).iter("testcase"):
-        outcome, message = "passed", ""
-        for kind in ("skipped", "error", "failure"):
-            element = case.find(kind)
-            if element is not None:
-                outcome = "failed" if kind == "failure" else kind
-                message = (element.get("message") or "") + "\n" + (element.text or "")
-        properties = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
-        cases[case.get("name", "")] = Case(outcome, message, properties)
-    return cases
 
 
 def header(output: str) -> str:

@@ -48,6 +48,7 @@ from .archive import (
     ArchiveError,
     _check_lexically,
     _describe,
+    _remove_stale_temps,
     _remove_tree,
     _require_complete,
     _resolve,
@@ -649,14 +650,6 @@ def _layer(source: _Source, layer: _Layer, cache_root: Path) -> tuple[Path, bool
         return dest, did, bool(meta["overlay"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageError(f"{what}: cached layer '{dest}' is damaged ({_describe(exc)}); delete it") from exc
-
-
-def _remove_stale_temps(directory: Path, key: str) -> None:
-    """Temp dirs for ``key`` are made only under its lock, so any seen while holding it belong to a dead process."""
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(directory):
-            if entry.name.startswith(f".{key}.tmp-"):
-                _remove_tree(Path(entry.path))
 
 
 def _build_layer(source: _Source, layer: _Layer, directory: Path, dest: Path, what: str) -> None:
