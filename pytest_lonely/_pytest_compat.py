@@ -17,6 +17,7 @@ instead of taking the session down.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Generator
 from typing import Any, Final
 
@@ -197,6 +198,33 @@ def _stack_exc(exc: BaseException) -> Any:
 def teardown_towards(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Tear down, in the parent, every scope that ``nextitem`` does not share."""
     _setupstate(item).teardown_exact(nextitem)
+
+
+def setup_stack_key(item: pytest.Item) -> tuple[int, ...]:
+    """The collectors set up now: a container forked earlier is a faithful copy only while this is the same."""
+    return tuple(map(id, _setupstate(item).stack))
+
+
+#: Plugins whose ``pytest_runtest_protocol`` wrappers leave nothing in the process that differs from one
+#: test to the next, or only what :func:`protocol_context` accounts for.
+_KNOWN_PROTOCOL_WRAPPERS: Final = frozenset({"warnings", "assertion", "faulthandler", "unittest", "timeout", "lonely"})
+
+
+def protocol_context(item: pytest.Item) -> object:
+    """What the wrappers around this test's protocol put in the process that a container inherits.
+
+    pytest's warnings plugin installs the test's ``filterwarnings`` marks; the
+    assertion plugin, a ``pytest_assertion_pass`` hook bound to the test; an
+    unknown wrapper, anything.  Two tests with equal contexts see the same
+    process state; an unknown case makes the context the test's own node ID.
+    """
+    pm = item.config.pluginmanager
+    for impl in pm.hook.pytest_runtest_protocol.get_hookimpls():
+        if (impl.wrapper or impl.hookwrapper) and impl.plugin_name not in _KNOWN_PROTOCOL_WRAPPERS:
+            return item.nodeid
+    if pm.hook.pytest_assertion_pass.get_hookimpls() or "twisted.trial.unittest" in sys.modules:
+        return item.nodeid
+    return repr([(mark.args, mark.kwargs) for mark in item.iter_markers("filterwarnings")])
 
 
 def stop_teardown_at_item(item: pytest.Item) -> None:

@@ -110,6 +110,22 @@ def body_for(item: pytest.Item, container: Container, coverage: bool) -> Body:
     return body
 
 
+def body_from_order(session: pytest.Session, order: tuple[int, str, tuple[Any, ...], bool]) -> Body:
+    """In a zygote's container: the body for the test the parent named, as :func:`body_for` would make it.
+
+    The zygote is a copy of the parent taken at an earlier test, with the
+    same broader fixtures and setup stack (the parent's key says so); the
+    item is found by its index in the session's items, which collection
+    fixed before any test ran.
+    """
+    index, nodeid, container, coverage = order
+    item = session.items[index] if 0 <= index < len(session.items) else None
+    if item is None or item.nodeid != nodeid:
+        raise RuntimeError(f"the zygote has no test {nodeid!r} at index {index}")
+    compat.reset_request(item)
+    return body_for(item, wire.decode_container(container), coverage)
+
+
 def _check_properties(rep: pytest.TestReport) -> None:
     """``record_property`` values must cross the pipe: anything else is sent as its repr, with a warning."""
     for index, (name, value) in enumerate(rep.user_properties):

@@ -180,6 +180,23 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     child.setup_container_hook(item)  # a no-op outside a container
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(request: pytest.FixtureRequest) -> None:
+    _changed(request.config)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_post_finalizer(request: pytest.FixtureRequest) -> None:
+    _changed(request.config)
+
+
+def _changed(config: pytest.Config) -> None:
+    """A fixture was set up or finished here: a zygote forked before is no faithful copy any more."""
+    state = config.stash.get(SESSION_KEY, None)
+    if state is not None:
+        state.generation += 1
+
+
 @pytest.fixture
 def container() -> Container:
     """The container this test runs in; requesting it isolates the test."""
@@ -194,6 +211,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     state = item.config.stash[SESSION_KEY]
     if not is_isolated(item) or compat.skip_reason(item) is not None:
         # A test that runs in-process must see only its own children: reap finished containers first.
+        # It may change anything in this process, so no zygote forked before it is a copy of it.
+        state.generation += 1
         state.reap()
         return None
     ihook = item.ihook

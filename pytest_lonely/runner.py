@@ -11,6 +11,7 @@ the running test's output, as it would in-process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from . import child, preflight, wire
 from .reports import Phase, Reporter
 from .sandbox import protocol
 from .sandbox.launcher import Outcome
+from .sandbox.zygote import Warm
 from .session import SESSION_KEY
 
 
@@ -73,11 +75,13 @@ class IsolatedRun:
             return
 
         hook = self.config.hook.pytest_lonely_container_finished
-        body = child.body_for(item, ready.container, coverage="coverage" in sys.modules)
+        coverage = "coverage" in sys.modules
+        body = child.body_for(item, ready.container, coverage=coverage)
+        warm = self._warm(ready, coverage)
         self._resume_capture()
         try:
             outcome = self.state.engine().run(
-                ready.engine_spec, body, self.on_frame, need_status=bool(hook.get_hookimpls())
+                ready.engine_spec, body, self.on_frame, need_status=bool(hook.get_hookimpls()), warm=warm
             )
         except (Exception, pytest.fail.Exception) as exc:  # raised in the parent while waiting: pytest-timeout
             outcome = Outcome(
@@ -97,6 +101,16 @@ class IsolatedRun:
             container=dataclasses.replace(ready.container, host_pid=outcome.host_pid),
             exitstatus=outcome.exitstatus,
         )
+
+    def _warm(self, ready: preflight.Ready, coverage: bool) -> Warm | None:
+        """How a zygote's copy of this process can run the same body: same state, same item by index."""
+        item = self.item
+        index = self.state.item_index(item)
+        if index is None:
+            return None
+        key = (self.state.generation, compat.setup_stack_key(item), compat.protocol_context(item))
+        order = (index, item.nodeid, wire.encode_container(ready.container), coverage)
+        return Warm(key=key, order=order, factory=functools.partial(child.body_from_order, item.session))
 
     def on_frame(self, kind: protocol.Kind, payload: Any) -> None:
         """The one dispatcher of the adapter's frames; a kind without a handler is a bug, said loudly."""

@@ -51,6 +51,16 @@ class Session:
     _layout: rootfs.HostLayout | None = None
     _plans: dict[rootfs.PlanKey, rootfs.Plan] = dataclasses.field(default_factory=dict)
     _roots: dict[Rootfs, Root] = dataclasses.field(default_factory=dict)
+    #: Bumped whenever the parent sets up or finishes a fixture or runs a test itself: a zygote forked
+    #: before that is no faithful copy of the parent any more.
+    generation: int = 0
+    _item_index: dict[int, int] | None = None
+
+    def item_index(self, item: pytest.Item) -> int | None:
+        """Where ``item`` is in the session's items, which a zygote's copy of the parent has too."""
+        if self._item_index is None:
+            self._item_index = {id(it): i for i, it in enumerate(item.session.items)}
+        return self._item_index.get(id(item))
 
     def availability(self) -> probe.Availability:
         if self._availability is None:
@@ -61,9 +71,16 @@ class Session:
         return self._availability
 
     def engine(self) -> Engine:
-        """The engine; as root it prebuilds namespaces (``PYTEST_LONELY_PREBUILD=0`` turns that off)."""
+        """The engine; ``PYTEST_LONELY_PREBUILD`` says what it builds ahead of time.
+
+        ``1`` (the default): containers forked from a zygote while the previous
+        test runs, and as root namespaces for the rest; ``namespaces``: only
+        those; ``0``: nothing, every container is forked from pytest and builds
+        its own root.
+        """
         if self._engine is None:
-            self._engine = Engine(self.rootless, prebuild=os.environ.get("PYTEST_LONELY_PREBUILD", "1") != "0")
+            prebuild = os.environ.get("PYTEST_LONELY_PREBUILD", "1")
+            self._engine = Engine(self.rootless, prebuild=prebuild != "0", prefork=prebuild not in ("0", "namespaces"))
         return self._engine
 
     def plan(self, rootfs_dir: Path | None, network: bool, tmp: bool) -> tuple[rootfs.PlanKey, rootfs.Plan]:
@@ -125,9 +142,9 @@ class Session:
         return cgroup.manager().why_not(cgroup.Limits(), usage=True)
 
     def reap(self) -> None:
-        """Wait for every finished container, so no test ever sees one of ours as its child."""
+        """Stop the zygote and wait for every container, so no test ever sees a child of ours."""
         if self._engine is not None and self._engine.unreaped:
-            self._engine.reap(block=True)
+            self._engine.quiesce()
 
     def close(self) -> None:
         if self._engine is not None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from . import _pytest_compat as compat
+from .container import Container, ImageInfo
+from .sandbox.cgroup import Limits
 
 # --- reports ---------------------------------------------------------------------------------------
 
@@ -99,3 +102,37 @@ def decode_coverage(payload: tuple[str, dict[str, list[Any]]]) -> None:
         data.add_arcs({f: [tuple(a) for a in arcs] for f, arcs in measured.items()})
     else:
         data.add_lines(measured)
+
+
+# --- the container description a zygote's container is handed ----------------------------------
+
+
+def encode_container(container: Container) -> tuple[Any, ...]:
+    """Plain data for GO: a container built ahead of time learns its description only then."""
+    image = None if container.image is None else (container.image.reference, container.image.digest)
+    limits = container.limits
+    return (
+        container.id,
+        container.hostname,
+        tuple(sorted(container.namespaces)),
+        container.rootless,
+        None if container.rootfs is None else str(container.rootfs),
+        container.timeout,
+        (limits.memory, limits.pids, limits.cpus),
+        image,
+    )
+
+
+def decode_container(data: tuple[Any, ...]) -> Container:
+    cid, hostname, names, rootless, root, timeout, (memory, pids, cpus), image = data
+    return Container(
+        id=cid,
+        hostname=hostname,
+        host_pid=0,
+        namespaces=frozenset(names),
+        rootless=rootless,
+        rootfs=None if root is None else Path(root),
+        timeout=timeout,
+        limits=Limits(memory=memory, pids=pids, cpus=cpus),
+        image=None if image is None else ImageInfo(reference=image[0], digest=image[1]),
+    )

@@ -28,6 +28,7 @@ from . import _syscalls as sc
 from . import cgroup, init, namespaces, process, protocol
 from .pool import NamespacePool
 from .spec import Body, ContainerSpec
+from .zygote import Warm, Zygote, ZygoteError, eligible
 
 #: Seconds between the child's traceback dump at the timeout and the parent's SIGKILL.
 TIMEOUT_GRACE: Final = 0.5
@@ -88,7 +89,7 @@ def describe_status(status: int | None) -> str:
 class Engine:
     """Makes containers for one process and keeps track of their PIDs until reaped."""
 
-    def __init__(self, rootless: bool, prebuild: bool = True) -> None:
+    def __init__(self, rootless: bool, prebuild: bool = True, prefork: bool = True) -> None:
         self.rootless = rootless
         self._pidns_fd = -1 if rootless else os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self._diag_fd = os.memfd_create("lonely-diag", os.MFD_CLOEXEC)
@@ -105,6 +106,14 @@ class Engine:
         self._pool: NamespacePool | None = None
         #: Root mode: the identity-mapped user namespace children join when the pool has none ready.
         self._userns_fd = -1
+        self._prefork = prefork
+        self._nice = os.getpriority(os.PRIO_PROCESS, 0)
+        #: Forks the containers of a run of tests with the same key (see zygote.py).
+        self._zygote: Zygote | None = None
+        #: The key of the last warm-capable run: a zygote is made for the second test with a key.
+        self._last_key: object = None
+        #: Why containers stopped coming from zygotes, if they did.
+        self.prefork_broken: str | None = None
 
     def pool(self) -> NamespacePool | None:
         if self._pool is None and self._want_pool:
@@ -118,7 +127,7 @@ class Engine:
         return self._userns_fd
 
     def close(self) -> None:
-        self.reap(block=True)
+        self.quiesce()
         spare, self._spare = self._spare, None
         if spare is not None:
             _remove(spare[2])
@@ -132,7 +141,27 @@ class Engine:
 
     @property
     def unreaped(self) -> bool:
-        return bool(self._unreaped)
+        """Whether any child of ours may still exist: finished containers, the zygote, the pool's helper."""
+        return bool(self._unreaped) or self._zygote is not None or self._pool is not None
+
+    def quiesce(self) -> None:
+        """Leave no child of ours running: stop the zygote (it ends its containers first) and the pool, reap all.
+
+        Before a test that runs in pytest's own process: one that waits for any
+        child (a supervisor's test) must find only its own.  Both start again
+        when the next container is asked for.
+        """
+        self._stop_zygote()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        self.reap(block=True)
+
+    def _stop_zygote(self) -> None:
+        if self._zygote is not None:
+            self._zygote.stop()
+            self._unreaped.append((self._zygote.pid, None))
+            self._zygote = None
 
     def reap(self, block: bool = False) -> None:
         """Collect finished containers and remove their cgroups; with ``block``, wait for all of them."""
@@ -148,8 +177,24 @@ class Engine:
                 _remove(group)
         self._unreaped = still
 
-    def run(self, spec: ContainerSpec, body: Body, on_frame: OnFrame, need_status: bool = False) -> Outcome:
-        """Run ``body`` as PID 1 of a container built from ``spec``, to its end."""
+    def run(
+        self,
+        spec: ContainerSpec,
+        body: Body,
+        on_frame: OnFrame,
+        need_status: bool = False,
+        warm: Warm | None = None,
+    ) -> Outcome:
+        """Run ``body`` as PID 1 of a container built from ``spec``, to its end.
+
+        With ``warm``, the container may come from a zygote instead, built
+        ahead of time and running ``warm.factory(warm.order)`` in place of
+        ``body``: the caller promises they do the same.
+        """
+        if warm is not None and not need_status and self._prefork and self.prefork_broken is None and eligible(spec):
+            outcome = self._run_warm(spec, warm, on_frame)
+            if outcome is not None:
+                return outcome
         group = None
         if spec.limits or spec.usage:
             group = self._take_spare(spec)
@@ -216,6 +261,58 @@ class Engine:
         self.reap()
         if group is not None:
             self._make_spare(spec)
+        return self._follow(spec, pid, read_fd, on_frame, need_status=need_status, group=group)
+
+    def _run_warm(self, spec: ContainerSpec, warm: Warm, on_frame: OnFrame) -> Outcome | None:
+        """A container from the zygote for ``warm.key``; None: fork this one directly."""
+        key = (warm.key, spec.keep_fds)
+        if self._zygote is not None and self._zygote.key != key:
+            self._stop_zygote()
+        if self._zygote is None:
+            if self._last_key != key:
+                # Only the second test with a key gets a zygote: a lone test would pay for it and gain nothing.
+                self._last_key = key
+                return None
+            try:
+                userns_fd = -1 if self.rootless else self.userns()
+                self._zygote = Zygote.start(key, warm.factory, self._diag_fd, userns_fd, spec.keep_fds)
+            except OSError as exc:
+                self.prefork_broken = f"cannot fork a zygote: {exc}"
+                return None
+        owner = self._zygote
+        try:
+            pid, go_fd, read_fd = owner.take(spec)
+        except ZygoteError as exc:
+            self.prefork_broken = str(exc)
+            self._stop_zygote()
+            return None
+        os.ftruncate(self._diag_fd, 0)
+        os.lseek(self._diag_fd, 0, os.SEEK_SET)
+        with contextlib.suppress(OSError):  # built at low priority; runs its test at ours (root only)
+            os.setpriority(os.PRIO_PROCESS, pid, self._nice)
+        try:
+            protocol.write_all(go_fd, protocol.encode(protocol.Kind.GO, (spec.tail(), warm.order)))
+        except OSError:
+            pass  # it died while it waited: what it said, if anything, is in the stream
+        finally:
+            os.close(go_fd)
+        with contextlib.suppress(ZygoteError):  # the next test finds out, and forks its own container
+            owner.prefetch(spec)
+        self.reap()
+        return self._follow(spec, pid, read_fd, on_frame, owner=owner)
+
+    def _follow(
+        self,
+        spec: ContainerSpec,
+        pid: int,
+        read_fd: int,
+        on_frame: OnFrame,
+        *,
+        need_status: bool = False,
+        group: cgroup.Cgroup | None = None,
+        owner: Zygote | None = None,
+    ) -> Outcome:
+        """Read a started container's frames to the end; ``owner``: the zygote whose child it is."""
         start = time.monotonic()
         outcome = Outcome("crashed", host_pid=0 if self.rootless else pid)
         deadline = start + spec.timeout + TIMEOUT_GRACE if spec.timeout else None
@@ -223,7 +320,8 @@ class Engine:
             self._read(read_fd, outcome, on_frame, deadline)
         except BaseException:
             process.kill(pid, outcome.host_pid)
-            os.waitpid(pid, 0)
+            if owner is None:
+                os.waitpid(pid, 0)
             raise
         finally:
             os.close(read_fd)
@@ -236,11 +334,14 @@ class Engine:
                 outcome.usage = group.usage()
             outcome.oom_killed = bool(spec.limits.memory) and group.oom_killed()
         if outcome.kind in ("crashed", "timeout", "error") or need_status:
-            _, status = os.waitpid(pid, 0)
-            outcome.exitstatus = os.waitstatus_to_exitcode(status)
+            if owner is not None:
+                outcome.exitstatus = owner.exit_code(pid)
+            else:
+                _, status = os.waitpid(pid, 0)
+                outcome.exitstatus = os.waitstatus_to_exitcode(status)
             if group is not None:
                 _remove(group)
-        else:
+        elif owner is None:
             # Namespace teardown happens as the child exits; nobody needs to wait for it here.
             self._unreaped.append((pid, group))
         if outcome.kind in ("crashed", "timeout"):

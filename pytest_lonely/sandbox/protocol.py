@@ -25,7 +25,10 @@ MAX_FRAME: Final = 1 << 30
 
 
 class Kind(str, enum.Enum):
-    """Every frame a container may send.  Values are what travels; members are what code compares."""
+    """Every frame on the wire.  Values are what travels; members are what code compares."""
+
+    #: Caller to container: ``(tail, order)``, the work of a container built ahead of time (see zygote.py).
+    GO = "go"
 
     #: ``{"host_pid": int}``: the container is up; its PID 1 as the host sees it (rootless only).
     HELLO = "hello"

@@ -39,6 +39,20 @@ class ContainerSpec:
     def namespaces(self) -> frozenset[str]:
         return namespaces.for_container(rootless=self.rootless, network=self.network)
 
+    def tail(self) -> Tail:
+        """What a container built ahead of time learns only when it is handed its work (plain data)."""
+        return (self.id, self.hostname, self.timeout, self.env)
+
+    def with_tail(self, tail: Tail) -> ContainerSpec:
+        cid, hostname, timeout, env = tail
+        return dataclasses.replace(
+            self, id=cid, hostname=hostname, timeout=timeout, env=tuple((str(k), str(v)) for k, v in env)
+        )
+
+
+#: (id, hostname, timeout, env): see :meth:`ContainerSpec.tail`.
+Tail = tuple[str, str, float, tuple[tuple[str, str], ...]]
+
 
 @dataclasses.dataclass(frozen=True)
 class Inside:

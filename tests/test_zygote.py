@@ -1,0 +1,296 @@
+"""Containers forked ahead of time by a zygote behave exactly like containers forked from pytest.
+
+Each scenario runs in real pytest sessions twice: with the zygote (the
+default) and with ``PYTEST_LONELY_PREBUILD=0``, where every container is
+forked from pytest itself, and both must give the same outcome for every
+test.  The scenarios are the ways a snapshot of pytest taken at one test could
+be stale at a later one: broader fixtures that change, the setup stack, a test
+that runs in-process in between, the warnings filters of one test's marks,
+and descriptors that a fixture closes in the parent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import parse_junit
+
+from pytest_lonely.sandbox import launcher, protocol, rootfs
+from pytest_lonely.sandbox.spec import ContainerSpec, Inside
+from pytest_lonely.sandbox.zygote import Warm
+
+MODES = {"zygote": "1", "direct": "0"}
+
+
+def outcomes(pytester: pytest.Pytester, source: str, *args: str, mode: str) -> tuple[dict[str, str], str]:
+    """Run ``source`` as a test module; every test's outcome and message, and the session's output."""
+    pytester.makepyfile(test_scenario=textwrap.dedent(source))
+    xml = pytester.path / f"junit-{mode}.xml"
+    env = {"PYTEST_LONELY_PREBUILD": MODES[mode]}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        result = pytester.runpytest_subprocess(
+            "-p", "lonely", "-p", "no:cacheprovider", "-p", "no:randomly", f"--junitxml={xml}", *args, timeout=120
+        )
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    output = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in output, output
+    cases = parse_junit(xml)
+    return {name: case.outcome for name, case in cases.items()}, output
+
+
+def same_in_both(pytester: pytest.Pytester, source: str, expected: dict[str, str], *args: str) -> None:
+    for mode in MODES:
+        got, output = outcomes(pytester, source, *args, mode=mode)
+        assert got == expected, f"{mode}: {got}\n{output}"
+
+
+def test_a_changing_module_fixture_is_seen_by_every_test(pytester: pytest.Pytester) -> None:
+    """Params of a module fixture switch in the parent; a container may never show the old value."""
+    same_in_both(
+        pytester,
+        """
+        import pytest
+
+        SETUPS = []
+
+        @pytest.fixture(scope="module", params=["a", "b"])
+        def letter(request):
+            SETUPS.append(request.param)
+            return request.param
+
+        @pytest.mark.parametrize("i", range(3))
+        @pytest.mark.isolated
+        def test_letter(letter, i, request):
+            assert letter == request.node.callspec.params["letter"]
+            assert SETUPS[-1] == letter and len(SETUPS) == (1 if letter == "a" else 2)
+        """,
+        {f"test_letter[{letter}-{i}]": "passed" for letter in "ab" for i in range(3)},
+    )
+
+
+def test_classes_and_their_fixtures(pytester: pytest.Pytester) -> None:
+    same_in_both(
+        pytester,
+        """
+        import pytest
+
+        @pytest.fixture(scope="class")
+        def owner(request):
+            return request.cls.__name__
+
+        @pytest.mark.isolated
+        class TestOne:
+            def test_a(self, owner): assert owner == "TestOne"
+            def test_b(self, owner): assert owner == "TestOne"
+
+        @pytest.mark.isolated
+        class TestTwo:
+            def test_a(self, owner): assert owner == "TestTwo"
+            def test_b(self, owner): assert owner == "TestTwo"
+
+        @pytest.mark.isolated
+        def test_outside(request):
+            assert request.cls is None
+        """,
+        {"test_a": "passed", "test_b": "passed", "test_outside": "passed"},
+    )
+
+
+def test_a_test_in_process_in_between_is_seen(pytester: pytest.Pytester) -> None:
+    """What an in-process test changes in pytest's memory, the next container inherits, as from a fork."""
+    same_in_both(
+        pytester,
+        """
+        import os
+        import pytest
+
+        STATE = []
+
+        @pytest.mark.parametrize("i", range(3))
+        @pytest.mark.isolated
+        def test_before(i):
+            STATE.append("lost with the container")
+            assert STATE == ["lost with the container"]
+
+        def test_in_process():
+            STATE.append("kept")
+            with pytest.raises(ChildProcessError):  # no container, no zygote is pytest's child now
+                os.waitpid(-1, os.WNOHANG)
+
+        @pytest.mark.parametrize("i", range(3))
+        @pytest.mark.isolated
+        def test_after(i):
+            assert STATE == ["kept"]
+        """,
+        {"test_before[0]": "passed", "test_before[1]": "passed", "test_before[2]": "passed",
+         "test_in_process": "passed",
+         "test_after[0]": "passed", "test_after[1]": "passed", "test_after[2]": "passed"},
+    )  # fmt: skip
+
+
+def test_each_test_gets_its_own_warning_filters(pytester: pytest.Pytester) -> None:
+    """A test's ``filterwarnings`` marks live in the process state a container inherits; they must not spill."""
+    same_in_both(
+        pytester,
+        """
+        import warnings
+        import pytest
+
+        pytestmark = pytest.mark.isolated
+
+        def test_plain_1():
+            warnings.warn("just a warning")
+
+        @pytest.mark.filterwarnings("error")
+        def test_strict_1():
+            with pytest.raises(UserWarning):
+                warnings.warn("an error here")
+
+        @pytest.mark.filterwarnings("error")
+        def test_strict_2():
+            with pytest.raises(UserWarning):
+                warnings.warn("an error here")
+
+        def test_plain_2():
+            warnings.warn("just a warning")
+
+        def test_plain_3():
+            warnings.warn("just a warning")
+        """,
+        {name: "passed" for name in ("test_plain_1", "test_strict_1", "test_strict_2", "test_plain_2", "test_plain_3")},
+    )
+
+
+def test_what_a_fixture_closes_in_the_parent_is_closed(pytester: pytest.Pytester) -> None:
+    """A copy of pytest must not hold a fixture's descriptors open: no hang on a pipe, no port in use."""
+    port = _free_port()
+    same_in_both(
+        pytester,
+        f"""
+        import socket
+        import subprocess
+        import sys
+        import pytest
+
+        @pytest.fixture(scope="module")
+        def reader():
+            # The child exits once its stdin is closed: only if no copy of the write end is left open.
+            proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+            yield proc
+            proc.stdin.close()
+            proc.wait(timeout=30)
+
+        @pytest.fixture(scope="module", params=[1, 2])
+        def server(request):
+            s = socket.socket()
+            s.bind(("127.0.0.1", {port}))
+            s.listen()
+            yield s
+            s.close()
+
+        @pytest.mark.parametrize("i", range(3))
+        @pytest.mark.isolated
+        def test_uses_them(reader, server, i):
+            assert reader.returncode is None and server.fileno() >= 0
+        """,
+        {f"test_uses_them[{p}-{i}]": "passed" for p in (1, 2) for i in range(3)},
+    )
+
+
+def test_hostname_timeout_and_crash_per_test(pytester: pytest.Pytester) -> None:
+    """What a container learns only when it is handed its test: its hostname, timeout; and how it ended."""
+    got, output = outcomes(
+        pytester,
+        """
+        import ctypes
+        import socket
+        import time
+        import pytest
+
+        pytestmark = pytest.mark.isolated
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_hostname(container, i):
+            assert socket.gethostname() == container.hostname
+
+        @pytest.mark.isolated(hostname="chosen")
+        def test_chosen(container):
+            assert socket.gethostname() == "chosen"
+
+        @pytest.mark.isolated(timeout=1)
+        def test_too_slow():
+            time.sleep(60)
+
+        def test_crash():
+            ctypes.string_at(0)
+
+        def test_after():
+            pass
+        """,
+        mode="zygote",
+    )
+    assert got == {
+        **{f"test_hostname[{i}]": "passed" for i in range(3)},
+        "test_chosen": "passed",
+        "test_too_slow": "failed",
+        "test_crash": "failed",
+        "test_after": "passed",
+    }, output
+    assert "timeout" in output.lower(), output
+    assert "signal 11" in output, output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the engine alone --------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the engine is driven in root mode here")
+def test_engine_runs_warm_containers_and_leaves_nothing(tmp_path: Path) -> None:
+    """The second run with a key starts a zygote; its containers run the order given to them, in turn."""
+    layout = rootfs.HostLayout.scan(tmp_path)
+    key = rootfs.PlanKey(None, False, True)
+    plan = rootfs.plan(layout, key)
+    engine = launcher.Engine(rootless=False)
+    seen: list[object] = []
+
+    def factory(order: object) -> object:
+        def body(inside: Inside) -> None:
+            inside.send(protocol.Kind.WARNING, {"order": order, "pid": os.getpid()})
+
+        return body
+
+    try:
+        for i in range(4):
+            spec = ContainerSpec(
+                id=f"c{i}", hostname=f"h{i}", rootless=False, network=True, plan_key=key, plan=plan, timeout=0,
+                cwd="/",
+            )  # fmt: skip
+            outcome = engine.run(
+                spec,
+                factory(("direct", i)),  # type: ignore[arg-type]
+                lambda kind, payload: seen.append(payload),
+                warm=Warm(key="k", order=("warm", i), factory=factory),  # type: ignore[arg-type]
+            )
+            assert outcome.kind == "done", outcome
+        assert [p["order"] for p in seen] == [("direct", 0), ("warm", 1), ("warm", 2), ("warm", 3)]  # type: ignore[index]
+        assert all(p["pid"] == 1 for p in seen)  # type: ignore[index]
+        assert engine.unreaped
+    finally:
+        engine.close()
+    assert not engine.unreaped
