@@ -55,6 +55,7 @@ VARIANTS: Final = {
     "default": ((), ()),
     "rootfs": (("--lonely-rootfs", str(REPO / "fixtures" / "rootfs")), ()),
     "network": (("--lonely-network", "none"), ()),
+    "namespaces": ((), (("PYTEST_LONELY_PREBUILD", "namespaces"),)),
     "prebuild-off": ((), (("PYTEST_LONELY_PREBUILD", "0"),)),
 }
 
@@ -62,10 +63,13 @@ VARIANTS: Final = {
 EVENTS: Final = (
     "P_PROTO_START",
     "P_RUN_START",
+    "P_TAKE_START",
+    "P_TAKE_END",
     "P_REAP_START",
     "P_REAP_END",
     "P_FORK_START",
     "P_SYSFORK_START",
+    "Z_FORK_START",
     "C_START",
     "F_START",
     "C_MAIN",
@@ -79,6 +83,10 @@ EVENTS: Final = (
     "C_PROC_END",
     "C_CWD_START",
     "C_CWD_END",
+    "C_READY",
+    "F_READY",
+    "C_GO",
+    "F_GO",
     "C_HOST_START",
     "C_HOST_END",
     "C_PHASES_START",
@@ -95,6 +103,7 @@ EVENTS: Final = (
     "F_PID1_END",
     "P_SYSFORK_END",
     "P_FORK_END",
+    "P_FOLLOW_START",
     "P_READ_START",
     "P_READ_END",
     "P_RUN_END",
@@ -124,7 +133,9 @@ MAX_TESTS = int(os.environ["BENCH_TESTS"]) + 8
 MM = mmap.mmap(-1, SLOT * MAX_TESTS)  # anonymous and MAP_SHARED: the child's writes reach the parent
 _PACK = struct.Struct("q")
 _now = time.perf_counter_ns
-_state = {{"slot": -1, "in_child": False, "forking": False}}
+_state = {{"slot": -1, "in_child": False, "forking": False, "z_forking": False, "stash": False}}
+#: A container from the zygote does not know its test before GO: its stamps wait here until then.
+_stash = {{}}
 MISSING = []
 #: In the in-process run the test's own phases run in the parent: stamp them there, for comparison.
 _PHASES_HERE = os.environ.get("BENCH_INPROCESS") == "1"
@@ -132,6 +143,9 @@ _RU_START = resource.getrusage(resource.RUSAGE_CHILDREN)
 
 
 def put(name, value=None):
+    if _state["stash"]:
+        _stash[name] = _now() if value is None else value
+        return
     if 0 <= _state["slot"] < MAX_TESTS:
         _PACK.pack_into(MM, _state["slot"] * SLOT + IDX[name] * 8, _now() if value is None else value)
 
@@ -184,6 +198,15 @@ def in_parent():
 
 def make_fork(original):
     def fork():
+        if _state["z_forking"]:  # in the zygote: the container stamps into its stash until GO
+            _stash.clear()
+            _stash["Z_FORK_START"] = _now()
+            pid = original()
+            if pid == 0:
+                _state["in_child"] = _state["stash"] = True
+                put("C_START")
+                put("F_START", faults())
+            return pid
         if not _state["forking"]:
             return original()
         put("P_SYSFORK_START")
@@ -208,6 +231,39 @@ def make_launcher_fork(original):
             _state["forking"] = False
             put("P_FORK_END")
     return _fork
+
+
+def make_z_fork(original):
+    def _fork(*args, **kwargs):
+        _state["z_forking"] = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _state["z_forking"] = False
+    return _fork
+
+
+def make_await_go(original):
+    def _await_go(*args, **kwargs):
+        put("C_READY")
+        put("F_READY", faults())
+        try:
+            return original(*args, **kwargs)
+        finally:
+            put("C_GO")
+            put("F_GO", faults())
+    return _await_go
+
+
+def make_body_from_order(original):
+    def body_from_order(session, order):
+        # GO has come: now the container knows its test, and so its slot.
+        _state["slot"] = order[0]
+        _state["stash"] = False
+        for name, value in _stash.items():
+            put(name, value)
+        return original(session, order)
+    return body_from_order
 
 
 def make_pid1(original):
@@ -262,6 +318,11 @@ patch("pytest_lonely.sandbox._syscalls", "setns", make_setns)
 patch("socket", "sethostname", around("C_HOST_START", "C_HOST_END", in_child))
 patch("pytest_lonely.sandbox.launcher", "Engine.run", around("P_RUN_START", "P_RUN_END"))
 patch("pytest_lonely.sandbox.launcher", "Engine._fork", make_launcher_fork)
+patch("pytest_lonely.sandbox.launcher", "Engine._follow", make_stamp("P_FOLLOW_START", in_parent))
+patch("pytest_lonely.sandbox.zygote", "Zygote.take", around("P_TAKE_START", "P_TAKE_END", in_parent))
+patch("pytest_lonely.sandbox.zygote", "_Server._fork", make_z_fork)
+patch("pytest_lonely.sandbox.init", "_await_go", make_await_go)
+patch("pytest_lonely.child", "body_from_order", make_body_from_order)
 patch("pytest_lonely.sandbox.launcher", "Engine._read", around("P_READ_START", "P_READ_END", in_parent))
 patch("pytest_lonely.sandbox.launcher", "Engine.reap", around("P_REAP_START", "P_REAP_END", in_parent, first_only=True))
 patch("pytest_lonely.sandbox.init", "main", make_stamp("C_MAIN"))
@@ -273,16 +334,21 @@ patch("pytest_lonely.sandbox.rootfs", "enter_scratch", make_stamp("C_BUILD_START
 patch("pytest_lonely.sandbox.rootfs", "switch_root", around("C_CWD_START", "C_BUILD_END", in_child))
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_protocol(item, nextitem):
-    _state["slot"] += 1
-    before = faults()
-    put("P_PROTO_START")
-    try:
-        return (yield)
-    finally:
+# logstart and logfinish, not a pytest_runtest_protocol wrapper: pytest-lonely cannot know what an unknown
+# wrapper leaves in the process, and forks every container of such a session straight from pytest.
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logstart(nodeid, location):
+    if not _state["in_child"]:
+        _state["slot"] += 1
+        _state["faults"] = faults()
+        put("P_PROTO_START")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logfinish(nodeid, location):
+    if not _state["in_child"]:
         put("P_PROTO_END")
-        put("P_MINFLT", faults() - before)
+        put("P_MINFLT", faults() - _state["faults"])
 
 
 for _hook, _event in (("setup", "C_SETUP"), ("call", "C_CALL"), ("teardown", "C_TEARDOWN")):
@@ -334,6 +400,10 @@ def test_x(i):
 #: Table rows: (label, start event, end event); consecutive steps of one test's critical path.
 PHASES: Final = (
     ("parent: protocol start → Engine.run (spec, plan, setup in parent)", "P_PROTO_START", "P_RUN_START"),
+    ("zygote: parent takes a built container (waits if not handed over yet)", "P_TAKE_START", "P_TAKE_END"),
+    ("zygote: parent writes GO, asks for the next container", "P_TAKE_END", "P_FOLLOW_START"),
+    ("zygote: container taken → has its test (wake, GO decoded, item found)", "P_TAKE_END", "C_GO"),
+    ("zygote: container has its test → runtestprotocol (hostname, faulthandler)", "C_GO", "C_PHASES_START"),
     ("parent: reap finished containers (waitpid WNOHANG)", "P_REAP_START", "P_REAP_END"),
     ("parent: Engine.run → _fork (pipe, Launch)", "P_REAP_END", "P_FORK_START"),
     ("parent: gc.freeze, unshare(CLONE_NEWPID), fork wrapper", "P_FORK_START", "P_SYSFORK_START"),
@@ -345,7 +415,7 @@ PHASES: Final = (
     ("child: mount /proc", "C_PROC_START", "C_PROC_END"),
     ("child: enter cwd", "C_CWD_START", "C_CWD_END"),
     ("child: sethostname", "C_HOST_START", "C_HOST_END"),
-    ("child: sethostname → runtestprotocol (lo, uname cache, faulthandler, warnings)", "C_HOST_END", "C_PHASES_START"),
+    ("child: sethostname → runtestprotocol (uname cache, faulthandler, warnings)", "C_HOST_END", "C_PHASES_START"),
     ("child: runtestprotocol → setup hook (patching, first hooks)", "C_PHASES_START", "C_SETUP"),
     ("child: setup hooks and fixtures", "C_SETUP", "C_SETUP_REP"),
     ("child: setup report (make, serialize, send)", "C_SETUP_REP", "C_CALL"),
@@ -362,10 +432,15 @@ OVERLAPPING: Final = (
     ("parent: fork() returns in the parent (copy of the page tables)", "P_SYSFORK_START", "P_SYSFORK_END"),
     ("parent: fork returned → waiting (setns back, unfreeze, prefetch next)", "P_SYSFORK_END", "P_READ_START"),
     ("parent: waiting in _read for the container", "P_READ_START", "P_READ_END"),
+    ("zygote: fork of the next container → it runs", "Z_FORK_START", "C_START"),
+    ("zygote: container built ahead of time (fork return → waiting for GO)", "C_START", "C_READY"),
+    ("zygote: container ready this long before its test started", "C_READY", "P_PROTO_START"),
     ("child: whole life until DONE (from fork return)", "C_START", "C_PID1_END"),
     ("whole isolated test (protocol start → end)", "P_PROTO_START", "P_PROTO_END"),
 )
 FAULTS: Final = (
+    ("zygote: container, ahead of time (fork → waiting for GO)", "F_START", "F_READY"),
+    ("zygote: container, GO → runtestprotocol", "F_GO", "F_PHASES_START"),
     ("child: fork → _pid1", "F_START", "F_PID1"),
     ("child: _pid1 → runtestprotocol (join, /proc, hostname, ...)", "F_PID1", "F_PHASES_START"),
     ("child: runtestprotocol", "F_PHASES_START", "F_PHASES_END"),
