@@ -162,8 +162,15 @@ def make_rows(oci_image: Path | None) -> dict[str, Row]:
         # Off by default: the plugin loaded but nothing isolated, and the pre-built namespaces switched off.
         Row("inprocess", "pytest-lonely loaded, nothing isolated (`-p lonely`)", ("-p", "lonely"), optional=True),
         Row(
+            "no-zygote",
+            "pytest-lonely, every container forked from pytest (`PYTEST_LONELY_PREBUILD=namespaces`)",
+            lonely,
+            optional=True,
+            env=(("PYTEST_LONELY_PREBUILD", "namespaces"),),
+        ),
+        Row(
             "prebuild-off",
-            "pytest-lonely, namespaces built in the child (`PYTEST_LONELY_PREBUILD=0`)",
+            "pytest-lonely, nothing built ahead of time (`PYTEST_LONELY_PREBUILD=0`)",
             lonely,
             optional=True,
             env=(("PYTEST_LONELY_PREBUILD", "0"),),

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import faulthandler
+import mmap
 import os
 import platform
+import select
 import signal
 import socket
 import sys
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import _syscalls as sc
-from . import cgroup, namespaces, process, protocol, rootfs
+from . import cgroup, namespaces, prefault, process, protocol, rootfs
 from .spec import Body, ContainerSpec, Inside
 
 
@@ -51,6 +53,10 @@ class Launch:
     #: Built ahead of time by a zygote: wait for GO on ``go_fd``, whose order this turns into the body.
     factory: Callable[[Any], Body] | None = None
     go_fd: int = -1
+    #: Shared by a zygote's containers: which pages to copy while waiting for GO (see prefault.py).
+    prefault: mmap.mmap | None = None
+    #: This container writes down what it copied, for the ones after it (a sample: it costs two scans).
+    prefault_record: bool = False
 
 
 def main(launch: Launch) -> NoReturn:
@@ -190,7 +196,10 @@ def _pid1(launch: Launch, host_pid: int) -> int:
     # the body runs in this process.
     sc.close_fds_except({0, 1, 2, launch.write_fd, launch.diag_fd, launch.go_fd, *spec.keep_fds} - {-1})
     body = launch.body
+    before: prefault.Snapshot | None = None
     if launch.factory is not None:
+        if launch.prefault is not None:
+            before = _take_ahead(launch.prefault, launch.go_fd, launch.prefault_record)
         spec, body = _await_go(launch.go_fd, launch.factory, spec)
         os.close(launch.go_fd)
     socket.sethostname(spec.hostname)
@@ -212,7 +221,25 @@ def _pid1(launch: Launch, host_pid: int) -> int:
     # Tearing the container down is nobody's critical path: leave the cores to the next test.
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, 19)
+    if launch.prefault is not None and before is not None:
+        with contextlib.suppress(OSError):
+            prefault.record(launch.prefault, before)
     return 0
+
+
+def _take_ahead(shared: mmap.mmap, go_fd: int, sample: bool) -> prefault.Snapshot | None:
+    """Copy ahead of time what earlier tests copied, unless the test is here already (then it waits).
+
+    Returns what a sampled container needs to write down afterwards what it copied.
+    """
+    if select.select([go_fd], [], [], 0)[0]:
+        return None
+    try:
+        before = prefault.snapshot() if sample else None
+        prefault.take_ahead(shared, go_fd)
+    except OSError:
+        return None
+    return before
 
 
 def _await_go(fd: int, factory: Callable[[Any], Body], spec: ContainerSpec) -> tuple[ContainerSpec, Body]:

@@ -107,6 +107,7 @@ class Engine:
         #: Root mode: the identity-mapped user namespace children join when the pool has none ready.
         self._userns_fd = -1
         self._prefork = prefork
+        self._prefault = os.environ.get("PYTEST_LONELY_PREFAULT", "1") != "0"
         self._nice = os.getpriority(os.PRIO_PROCESS, 0)
         #: Forks the containers of a run of tests with the same key (see zygote.py).
         self._zygote: Zygote | None = None
@@ -275,7 +276,9 @@ class Engine:
                 return None
             try:
                 userns_fd = -1 if self.rootless else self.userns()
-                self._zygote = Zygote.start(key, warm.factory, self._diag_fd, userns_fd, spec.keep_fds)
+                self._zygote = Zygote.start(
+                    key, warm.factory, self._diag_fd, userns_fd, spec.keep_fds, prefault=self._prefault
+                )
             except OSError as exc:
                 self.prefork_broken = f"cannot fork a zygote: {exc}"
                 return None

@@ -40,7 +40,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Final
 
 from . import _syscalls as sc
-from . import init, process, rootfs
+from . import init, prefault, process, rootfs
 from .spec import Body, ContainerSpec
 
 #: Seconds the caller waits for the zygote to hand over a container before it forks one itself.
@@ -126,11 +126,20 @@ class Zygote:
         self._exits: dict[int, int] = {}
 
     @classmethod
-    def start(cls, key: Hashable, factory: Factory, diag_fd: int, userns_fd: int, keep: tuple[int, ...]) -> Zygote:
+    def start(
+        cls,
+        key: Hashable,
+        factory: Factory,
+        diag_fd: int,
+        userns_fd: int,
+        keep: tuple[int, ...],
+        *,
+        prefault: bool = True,
+    ) -> Zygote:
         """Fork the zygote from the caller as it is now; it lives until :meth:`stop` or the caller's death."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         parent = os.getpid()
-        config = _Config(parent, factory, diag_fd, userns_fd, keep, os.getuid(), os.getgid())
+        config = _Config(parent, factory, diag_fd, userns_fd, keep, os.getuid(), os.getgid(), prefault)
         frozen = gc.get_freeze_count() != 0
         gc.freeze()  # the zygote's collector must not write to the caller's pages
         try:
@@ -231,6 +240,7 @@ class _Config:
     keep: tuple[int, ...]
     uid: int
     gid: int
+    prefault: bool
 
 
 def _serve(ctl: int, config: _Config) -> int:
@@ -257,6 +267,9 @@ class _Server:
         self.pidns = pidns
         self.interrupt = interrupt
         self.children: dict[int, int] = {}  # pidfd -> pid
+        #: Which pages the containers copy while they wait (see prefault.py), shared by all of them.
+        self.record = prefault.shared_record() if config.prefault else None
+        self.forked = 0
         #: Specs by the request that named them: a shape is decoded once, not once per container.
         self.specs: dict[bytes, ContainerSpec] = {}
         self.poller = select.poll()
@@ -335,7 +348,10 @@ class _Server:
             userns_fd=-1 if spec.rootless else config.userns_fd,
             factory=config.factory,
             go_fd=go_read,
+            prefault=self.record,
+            prefault_record=prefault.samples(self.forked),
         )
+        self.forked += 1
         gc.freeze()
         if not spec.rootless:
             sc.unshare(sc.CLONE_NEWPID)  # our next child is PID 1 of a new PID namespace
