@@ -21,7 +21,7 @@ from .container import Container
 from .errors import LonelyWarning
 from .runner import IsolatedRun
 from .sandbox import archive, image, namespaces
-from .session import SESSION_KEY, Session
+from .session import SESSION_KEY, Session, engine_tuning
 
 FIXTURE: Final = "container"
 
@@ -52,6 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
     inidir = config.inipath.parent if config.inipath else config.rootpath
     try:
         defaults, options = settings.from_config(config.getoption, config.getini, config.rootpath, inidir)
+        engine_tuning()  # a bad environment variable is a usage error now, not an error in the first test
     except settings.SettingError as exc:
         raise pytest.UsageError(str(exc)) from None
     state = config.stash[SESSION_KEY] = Session(config, defaults, options)

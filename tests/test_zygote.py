@@ -294,3 +294,20 @@ def test_engine_runs_warm_containers_and_leaves_nothing(tmp_path: Path) -> None:
     finally:
         engine.close()
     assert not engine.unreaped
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "allowed"),
+    [
+        ("PYTEST_LONELY_PREBUILD", "yes", "use 1 (default), namespaces or 0"),
+        ("PYTEST_LONELY_PREFAULT", "2", "1 (default) or 0"),
+    ],
+)
+def test_a_bad_tuning_variable_is_a_usage_error(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, allowed: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    pytester.makepyfile("def test_one(): pass")
+    result = pytester.runpytest_subprocess("-p", "lonely", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{variable}={value!r} from the environment*{allowed}*"])

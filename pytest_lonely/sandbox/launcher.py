@@ -89,7 +89,7 @@ def describe_status(status: int | None) -> str:
 class Engine:
     """Makes containers for one process and keeps track of their PIDs until reaped."""
 
-    def __init__(self, rootless: bool, prebuild: bool = True, prefork: bool = True) -> None:
+    def __init__(self, rootless: bool, prebuild: bool = True, prefork: bool = True, prefault: bool = True) -> None:
         self.rootless = rootless
         self._pidns_fd = -1 if rootless else os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self._diag_fd = os.memfd_create("lonely-diag", os.MFD_CLOEXEC)
@@ -107,7 +107,7 @@ class Engine:
         #: Root mode: the identity-mapped user namespace children join when the pool has none ready.
         self._userns_fd = -1
         self._prefork = prefork
-        self._prefault = os.environ.get("PYTEST_LONELY_PREFAULT", "1") != "0"
+        self._prefault = prefault
         self._nice = os.getpriority(os.PRIO_PROCESS, 0)
         #: Forks the containers of a run of tests with the same key (see zygote.py).
         self._zygote: Zygote | None = None
