@@ -53,8 +53,9 @@ DEPTH: Final = 1
 #: How much nicer than the caller the zygote and the containers it builds ahead of time run.
 BACKGROUND_NICE: Final = 10
 
-#: What a container must know before it is built: (rootless, network, plan key fields, plan, cwd, keep_fds).
-Shape = tuple[bool, bool, tuple[Any, ...], rootfs.Plan, str, tuple[int, ...]]
+#: What a container must know before it is built: (rootless, network, plan key fields, plan, cwd, keep_fds,
+#: privileged).
+Shape = tuple[bool, bool, tuple[Any, ...], rootfs.Plan, str, tuple[int, ...], bool]
 #: Turns the caller's order into the body, inside the container (the zygote's copy of the caller).
 Factory = Callable[[Any], Body]
 
@@ -74,8 +75,8 @@ class Warm:
 
 
 def eligible(spec: ContainerSpec) -> bool:
-    """cgroup limits, usage and ``privileged`` take the direct path (the container enters its cgroup first)."""
-    return not spec.limits and not spec.usage and not spec.privileged
+    """cgroup limits and usage take the direct path: a container enters its cgroup before anything else."""
+    return not spec.limits and not spec.usage
 
 
 def shape_of(spec: ContainerSpec) -> Shape:
@@ -87,12 +88,13 @@ def shape_of(spec: ContainerSpec) -> Shape:
         spec.plan,
         spec.cwd,
         spec.keep_fds,
+        spec.privileged,
     )
 
 
 def spec_from(shape: Shape) -> ContainerSpec:
     """The spec a zygote builds a container from: its tail comes with GO."""
-    rootless, network, key, plan, cwd, keep_fds = shape
+    rootless, network, key, plan, cwd, keep_fds, privileged = shape
     return ContainerSpec(
         id="",
         hostname="",
@@ -103,6 +105,7 @@ def spec_from(shape: Shape) -> ContainerSpec:
         timeout=0.0,
         cwd=cwd,
         keep_fds=tuple(keep_fds),
+        privileged=privileged,
     )
 
 
