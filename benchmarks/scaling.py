@@ -159,10 +159,14 @@ def clean_env(**extra: str) -> dict[str, str]:
 KINDS: Final = {"objects": "live objects", "frozen": "live objects, gc.freeze()", "mmap": "read-only mmap of a file"}
 
 
+#: ``--prebuild VALUE``: PYTEST_LONELY_PREBUILD for every run (clean_env drops the caller's).
+EXTRA_ENV: dict[str, str] = {}
+
+
 def run_once(project: Path, mode: str, *, size_mb: int, kind: str, tests: int, out: Path) -> dict[str, Any]:
     """One pytest process; returns the conftest's measurements plus a ``problem`` if not every test passed."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *MODES[mode], "test_scale.py"]
-    env = clean_env(BENCH_ALLOC_MB=str(size_mb), BENCH_KIND=kind, BENCH_OUT=str(out))
+    env = clean_env(BENCH_ALLOC_MB=str(size_mb), BENCH_KIND=kind, BENCH_OUT=str(out), **EXTRA_ENV)
     out.unlink(missing_ok=True)
     done = subprocess.run(
         command, cwd=project, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
@@ -195,8 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sizes", default="0,100,1000", help="MB of live objects the parent allocates (default: 0,100,1000)"
     )
+    parser.add_argument(
+        "--prebuild",
+        choices=("1", "namespaces", "0"),
+        help="PYTEST_LONELY_PREBUILD for the runs: 1 (default, zygote), namespaces (every container forked "
+        "from pytest), 0",
+    )
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the raw numbers here")
     args = parser.parse_args(argv)
+    if args.prebuild:
+        EXTRA_ENV["PYTEST_LONELY_PREBUILD"] = args.prebuild
     try:
         sizes = [int(size) for size in args.sizes.split(",") if size.strip()]
     except ValueError:

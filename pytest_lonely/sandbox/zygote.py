@@ -3,7 +3,7 @@
 Forking pytest for every test costs twice in copy-on-write faults: the
 container copies each page it writes, and so does pytest itself for each
 page it writes after the fork, test after test.  Measured on a 2-core VM,
-that is about 3 µs per page and some 1,900 pages per test, more than half of
+that is 3 to 4 µs per page and some 1,900 pages per test, more than half of
 the whole cost.  A zygote is forked from the caller once, at a point the
 caller names with a key (for pytest: the same broader fixtures, the same
 place in the setup stack), and forks the containers from then on:
