@@ -46,6 +46,8 @@ from .spec import Body, ContainerSpec
 #: Seconds the caller waits for the zygote to hand over a container before it forks one itself.
 _WAIT: Final = 10.0
 _MAX_MESSAGE: Final = 1 << 20
+#: Exit codes kept for containers nobody asked about yet: the caller asks right after one ends.
+_KEEP_EXITS: Final = 256
 _F_SETPIPE_SZ: Final = 1031
 _PIPE_SIZE: Final = 1 << 20
 #: Containers kept built ahead of time: the next test's (more measured no faster on 2 cores).
@@ -217,6 +219,8 @@ class Zygote:
             self._ready.append((self._asked.popleft(), pid, fds[0], fds[1]))
         elif kind == "exit":
             self._exits[pid] = value
+            if len(self._exits) > _KEEP_EXITS:  # asked for right after a container ends, if at all
+                del self._exits[next(iter(self._exits))]
         elif kind == "failed":
             raise ZygoteError(f"the zygote could not fork a container: {value}")
         else:  # pragma: no cover - the zygote sends nothing else
