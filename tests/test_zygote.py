@@ -311,3 +311,49 @@ def test_a_bad_tuning_variable_is_a_usage_error(
     result = pytester.runpytest_subprocess("-p", "lonely", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*{variable}={value!r} from the environment*{allowed}*"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root mode: creating cgroups needs root here")
+def test_limits_hold_in_containers_from_the_zygote(pytester: pytest.Pytester) -> None:
+    """As root, a container built ahead of time is moved into its cgroup before GO: the limit still applies."""
+    from pytest_lonely.sandbox import cgroup
+
+    why = cgroup.manager().why_not(cgroup.Limits(memory=64 << 20, pids=16))
+    if why is not None:
+        pytest.skip(why)
+    same_in_both(
+        pytester,
+        """
+        import os
+        import time
+        import pytest
+
+        pytestmark = pytest.mark.isolated(memory="64M", pids=16)
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_too_big(i):
+            block = bytearray(200 * 2**20)
+            for k in range(0, len(block), 4096):
+                block[k] = 1
+
+        @pytest.mark.parametrize("i", range(3))
+        @pytest.mark.isolated(memory=None)
+        def test_too_many(i):
+            with pytest.raises(BlockingIOError):
+                for _ in range(32):
+                    if os.fork() == 0:
+                        try:
+                            time.sleep(60)  # ended with the container's PID namespace
+                        finally:
+                            os._exit(0)
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_small(i):
+            assert len(bytearray(8 * 2**20)) == 8 * 2**20
+        """,
+        {
+            **{f"test_too_big[{i}]": "failed" for i in range(3)},
+            **{f"test_too_many[{i}]": "passed" for i in range(3)},
+            **{f"test_small[{i}]": "passed" for i in range(3)},
+        },
+    )

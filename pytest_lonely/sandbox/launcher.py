@@ -97,6 +97,8 @@ class Engine:
         self._spare: tuple[cgroup.Limits, bool, cgroup.Cgroup] | None = None
         #: Finished containers not waited for yet, with the cgroup to remove once they are gone.
         self._unreaped: list[tuple[int, cgroup.Cgroup | None]] = []
+        #: Cgroups of finished containers of the zygote's, to remove once empty.
+        self._emptying: list[cgroup.Cgroup] = []
         # gc.unfreeze() thaws everything: if the user froze objects before the first container
         # (their own fork-friendliness), keep all frozen rather than undo their freeze.
         self._thaw = gc.get_freeze_count() == 0
@@ -177,6 +179,12 @@ class Engine:
             elif group is not None:
                 _remove(group)
         self._unreaped = still
+        emptying, self._emptying = self._emptying, []
+        for warm_group in emptying:
+            if block or not warm_group.procs():
+                _remove(warm_group)  # with block: the zygote was stopped and reaped, its containers with it
+            else:
+                self._emptying.append(warm_group)
 
     def run(
         self,
@@ -192,10 +200,6 @@ class Engine:
         ahead of time and running ``warm.factory(warm.order)`` in place of
         ``body``: the caller promises they do the same.
         """
-        if warm is not None and not need_status and self._prefork and self.prefork_broken is None and eligible(spec):
-            outcome = self._run_warm(spec, warm, on_frame)
-            if outcome is not None:
-                return outcome
         group = None
         if spec.limits or spec.usage:
             group = self._take_spare(spec)
@@ -205,6 +209,10 @@ class Engine:
                 except (cgroup.CgroupError, OSError) as exc:
                     return Outcome("error", payload=f"could not create the container's cgroup: {exc}")
         try:
+            if warm is not None and not need_status and self._warm_allowed(spec):
+                outcome = self._run_warm(spec, warm, on_frame, group)
+                if outcome is not None:
+                    return outcome
             return self._run(spec, body, on_frame, need_status, group)
         except BaseException:
             if group is not None:
@@ -264,8 +272,18 @@ class Engine:
             self._make_spare(spec)
         return self._follow(spec, pid, read_fd, on_frame, need_status=need_status, group=group)
 
-    def _run_warm(self, spec: ContainerSpec, warm: Warm, on_frame: OnFrame) -> Outcome | None:
-        """A container from the zygote for ``warm.key``; None: fork this one directly."""
+    def _warm_allowed(self, spec: ContainerSpec) -> bool:
+        return self._prefork and self.prefork_broken is None and eligible(spec)
+
+    def _run_warm(
+        self, spec: ContainerSpec, warm: Warm, on_frame: OnFrame, group: cgroup.Cgroup | None
+    ) -> Outcome | None:
+        """A container from the zygote for ``warm.key``; None: fork this one directly.
+
+        With cgroup limits (root mode), the container is moved into its cgroup
+        before it is handed its test: what it copied while it waited stays
+        charged to pytest's own cgroup, a few MiB the limit does not count.
+        """
         key = (warm.key, spec.keep_fds)
         if self._zygote is not None and self._zygote.key != key:
             self._stop_zygote()
@@ -289,6 +307,13 @@ class Engine:
             self.prefork_broken = str(exc)
             self._stop_zygote()
             return None
+        if group is not None:
+            try:
+                group.attach(pid)
+            except cgroup.CgroupError as exc:
+                os.close(go_fd)  # no GO: it exits without running anything
+                os.close(read_fd)
+                return Outcome("error", payload=f"could not move the container into its cgroup: {exc}")
         os.ftruncate(self._diag_fd, 0)
         os.lseek(self._diag_fd, 0, os.SEEK_SET)
         with contextlib.suppress(OSError):  # built at low priority; runs its test at ours (root only)
@@ -302,7 +327,9 @@ class Engine:
         with contextlib.suppress(ZygoteError):  # the next test finds out, and forks its own container
             owner.prefetch(spec)
         self.reap()
-        return self._follow(spec, pid, read_fd, on_frame, owner=owner)
+        if group is not None:
+            self._make_spare(spec)
+        return self._follow(spec, pid, read_fd, on_frame, group=group, owner=owner)
 
     def _follow(
         self,
@@ -347,6 +374,8 @@ class Engine:
         elif owner is None:
             # Namespace teardown happens as the child exits; nobody needs to wait for it here.
             self._unreaped.append((pid, group))
+        elif group is not None:
+            self._emptying.append(group)  # the zygote reaps it; the cgroup goes once it is empty
         if outcome.kind in ("crashed", "timeout"):
             size = os.fstat(self._diag_fd).st_size
             outcome.diag = os.pread(self._diag_fd, size, 0).decode("utf-8", "replace") if size else ""

@@ -77,8 +77,12 @@ class Warm:
 
 
 def eligible(spec: ContainerSpec) -> bool:
-    """cgroup limits and usage take the direct path: a container enters its cgroup before anything else."""
-    return not spec.limits and not spec.usage
+    """``--lonely-usage`` and rootless limits take the direct path: the container enters its cgroup first.
+
+    Usage must count what the container copied while it waited; rootless,
+    the process to move in (PID 1) is the child of one the caller knows.
+    """
+    return not spec.usage and not (spec.limits and spec.rootless)
 
 
 def shape_of(spec: ContainerSpec) -> Shape:
