@@ -210,7 +210,10 @@ def container() -> Container:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
     state = item.config.stash[SESSION_KEY]
-    if not is_isolated(item) or compat.skip_reason(item) is not None:
+    isolated = is_isolated(item)
+    if isolated and compat.skip_reason(item) is not None:
+        return None  # pytest skips it in-process before any of its code runs: nothing to isolate or reap
+    if not isolated:
         # A test that runs in-process must see only its own children: reap finished containers first.
         # It may change anything in this process, so no zygote forked before it is a copy of it.
         state.generation += 1

@@ -357,3 +357,39 @@ def test_limits_hold_in_containers_from_the_zygote(pytester: pytest.Pytester) ->
             **{f"test_small[{i}]": "passed" for i in range(3)},
         },
     )
+
+
+def test_tests_skipped_by_a_marker_do_not_break_a_group(pytester: pytest.Pytester) -> None:
+    """A skip marker runs none of the test's code: the zygote stays, and the outcomes are the same."""
+    same_in_both(
+        pytester,
+        """
+        import os
+        import pytest
+
+        pytestmark = pytest.mark.isolated
+
+        @pytest.mark.parametrize("i", range(6))
+        def test_mixed(i):
+            if i % 2:
+                pytest.skip("odd")
+            assert os.getpid() == 1
+
+        @pytest.mark.skip(reason="by a marker")
+        def test_marked():
+            raise AssertionError("never runs")
+
+        @pytest.mark.skipif("True", reason="by a condition")
+        def test_condition():
+            raise AssertionError("never runs")
+
+        def test_after():
+            assert os.getpid() == 1
+        """,
+        {
+            **{f"test_mixed[{i}]": "skipped" if i % 2 else "passed" for i in range(6)},
+            "test_marked": "skipped",
+            "test_condition": "skipped",
+            "test_after": "passed",
+        },
+    )
