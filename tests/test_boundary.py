@@ -32,12 +32,11 @@ import subprocess
 import sys
 import textwrap
 import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_ROOTFS
+from conftest import FIXTURE_ROOTFS, Case, parse_junit
 from rootless_env import (
     CLEAN_ENV,
     NOBODY,
@@ -85,20 +84,16 @@ CGROUP_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/pids", "/sys/fs/cgroup
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    outcome: str  # passed, failed, error or skipped
-    message: str
-    log: str
-
-
-@dataclasses.dataclass(frozen=True)
 class InnerRun:
     returncode: int
     output: str
     cases: dict[str, Case]
 
     def explain(self) -> str:
-        parts = [f"--- {name}: {case.outcome}\n{case.log or case.message}" for name, case in self.cases.items()]
+        parts = [
+            f"--- {name}: {case.outcome}\n{case.properties.get('log') or case.message}"
+            for name, case in self.cases.items()
+        ]
         return "\n".join(parts) + f"\n--- inner session output (rc {self.returncode}):\n{self.output[-3000:]}"
 
     def assert_passed(self, *names: str) -> None:
@@ -107,22 +102,6 @@ class InnerRun:
             case = self.cases.get(name)
             assert case is not None, f"inner test {name} did not run\n{self.explain()}"
             assert case.outcome == "passed", f"inner test {name}: {case.outcome}\n{case.message}\n{self.explain()}"
-
-
-def parse_junit(path: Path) -> dict[str, Case]:
-    cases: dict[str, Case] = {}
-    if not path.exists():
-        return cases
-    for case in ET.parse(path).iter("testcase"):
-        outcome, message = "passed", ""
-        for kind in ("skipped", "error", "failure"):
-            element = case.find(kind)
-            if element is not None:
-                outcome = "failed" if kind == "failure" else kind
-                message = (element.get("message") or "") + "\n" + (element.text or "")
-        log = "\n".join(p.get("value", "") for p in case.iter("property") if p.get("name") == "log")
-        cases[case.get("name", "")] = Case(outcome, message, log)
-    return cases
 
 
 INNER_HEADER = """\
