@@ -18,7 +18,7 @@ import pytest
 
 from . import _pytest_compat as compat
 from .sandbox import archive, cgroup, image, probe, rootfs
-from .sandbox.launcher import Engine
+from .sandbox.engine import Engine
 from .settings import Rootfs, RunOptions, SettingError, Spec
 
 
@@ -73,8 +73,7 @@ class Session:
     def engine(self) -> Engine:
         """The engine, built as :func:`engine_tuning` says."""
         if self._engine is None:
-            prebuild, prefork, prefault = engine_tuning()
-            self._engine = Engine(self.rootless, prebuild=prebuild, prefork=prefork, prefault=prefault)
+            self._engine = Engine(self.rootless, prefork=engine_tuning())
         return self._engine
 
     def plan(self, rootfs_dir: Path | None, network: bool, tmp: bool) -> tuple[rootfs.PlanKey, rootfs.Plan]:
@@ -150,29 +149,19 @@ class Session:
 
 SESSION_KEY: Final = pytest.StashKey[Session]()
 
-#: ``PYTEST_LONELY_PREBUILD``: value -> (namespace pool, zygote).
-_PREBUILD: Final = {"1": (True, True), "namespaces": (True, False), "0": (False, False)}
-_PREFAULT: Final = {"1": True, "0": False}
+#: ``PYTEST_LONELY_PREBUILD``: value -> whether containers may come from a zygote.
+_PREBUILD: Final = {"1": True, "0": False}
 
 
-def engine_tuning() -> tuple[bool, bool, bool]:
-    """(prebuild namespaces, containers from a zygote, copy pages ahead of time) from the environment.
+def engine_tuning() -> bool:
+    """Whether containers may come from a zygote: ``PYTEST_LONELY_PREBUILD``, ``1`` (the default) or ``0``.
 
-    ``PYTEST_LONELY_PREBUILD``: ``1`` (the default) for both kinds of work
-    ahead of time, ``namespaces`` for the root-mode namespace helper only,
-    ``0`` for nothing.  ``PYTEST_LONELY_PREFAULT``: ``1`` (the default) or
-    ``0``.  Raises :class:`~pytest_lonely.settings.SettingError`.
+    Raises :class:`~pytest_lonely.settings.SettingError`.
     """
     prebuild = os.environ.get("PYTEST_LONELY_PREBUILD", "1")
-    prefault = os.environ.get("PYTEST_LONELY_PREFAULT", "1")
     if prebuild not in _PREBUILD:
-        raise SettingError(
-            f"PYTEST_LONELY_PREBUILD={prebuild!r} from the environment: use 1 (default), namespaces or 0"
-        )
-    if prefault not in _PREFAULT:
-        raise SettingError(f"PYTEST_LONELY_PREFAULT={prefault!r} from the environment: use 1 (default) or 0")
-    pool, zygote = _PREBUILD[prebuild]
-    return pool, zygote, _PREFAULT[prefault]
+        raise SettingError(f"PYTEST_LONELY_PREBUILD={prebuild!r} from the environment: use 1 (default) or 0")
+    return _PREBUILD[prebuild]
 
 
 def cache_dir() -> Path:

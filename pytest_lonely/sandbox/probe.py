@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import select
-import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -333,7 +332,8 @@ def _probe(rootless: bool, timeout: float) -> Availability:
             f"the isolation probe did not finish within {timeout:g} s and was killed; the machine may be "
             "overloaded, or a namespace operation hangs (see dmesg).",
         )
-    return Availability(False, rootless, f"the isolation probe's child {_describe_status(status)} without a report.")
+    ended = process.describe_status(os.waitstatus_to_exitcode(status), "the isolation probe's child")
+    return Availability(False, rootless, f"{ended} without a report.")
 
 
 #: Status returned by :func:`_wait` when the child had to be killed.
@@ -402,47 +402,25 @@ def _reap_orphaned_pid1(lines: list[str]) -> None:
                 pass
 
 
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return f"was killed by {name}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
-
-
 def _report(fd: int, line: str) -> None:
     with contextlib.suppress(OSError):  # the parent gave up on us; nobody is left to tell
         os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
 
 
-def _write_file(path: str, text: str) -> None:
-    """One write(2) per file: the kernel accepts an ID map only in a single write."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
 def _child_main(fd: int, rootless: bool, uid: int, gid: int, parent: int) -> None:  # pragma: no cover
     """The rehearsal, in the order the real sandbox uses; the first refusal is reported as ``fail STEP ERRNO``."""
-    _syscalls.prctl(_syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # pytest died before PDEATHSIG was armed
-        return
+    process.guard_parent(parent)
     step = ""
     try:
         if rootless:
             step = "unshare-user"
             _syscalls.unshare(_syscalls.CLONE_NEWUSER)
-            step = "uid_map"
-            _write_file("/proc/self/uid_map", f"0 {uid} 1")
-            step = "setgroups"
-            _write_file("/proc/self/setgroups", "deny")
-            step = "gid_map"
-            _write_file("/proc/self/gid_map", f"0 {gid} 1")
+            step = "uid_map"  # refined below: map_root names the file it could not write
+            try:
+                namespaces.map_root(uid, gid)
+            except OSError as exc:
+                step = os.path.basename(exc.filename or step)
+                raise
         step = "unshare"
         # The namespaces every container gets, from the one function the launcher asks too.
         _syscalls.unshare(namespaces.flags(namespaces.for_container(rootless=False, network=True)))
@@ -450,9 +428,11 @@ def _child_main(fd: int, rootless: bool, uid: int, gid: int, parent: int) -> Non
         _syscalls.mount(None, "/", None, _syscalls.MS_REC | _syscalls.MS_PRIVATE)
         step = "fork"
 
+        me = os.getpid()
+
         def pid1_main() -> int:
             try:
-                _syscalls.prctl(_syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # a killed child must take PID 1 along
+                process.guard_parent(me)  # a killed child must take PID 1 along
                 _pid1_main(fd)
                 return 0
             except BaseException as exc:
@@ -466,7 +446,9 @@ def _child_main(fd: int, rootless: bool, uid: int, gid: int, parent: int) -> Non
     _report(fd, f"pid1 {pid1}")
     _, status = os.waitpid(pid1, 0)
     if status != 0:
-        _report(fd, f"error PID 1 of the new PID namespace {_describe_status(status)}")
+        _report(
+            fd, f"error {process.describe_status(os.waitstatus_to_exitcode(status), 'PID 1 of the new PID namespace')}"
+        )
 
 
 def _pid1_main(fd: int) -> None:  # pragma: no cover
