@@ -18,6 +18,7 @@ import pytest
 
 from . import _pytest_compat as compat
 from .sandbox import archive, cgroup, image, probe, rootfs
+from .sandbox.cache import FileMemo
 from .sandbox.engine import Engine
 from .settings import Rootfs, RunOptions, SettingError, Spec
 
@@ -51,6 +52,9 @@ class Session:
     _layout: rootfs.HostLayout | None = None
     _plans: dict[rootfs.PlanKey, rootfs.Plan] = dataclasses.field(default_factory=dict)
     _roots: dict[Rootfs, Root] = dataclasses.field(default_factory=dict)
+    #: What the engine already read from image and tarball files, while they are unchanged.
+    _images: FileMemo[image.Image] = dataclasses.field(default_factory=FileMemo)
+    _tarball_keys: FileMemo[str] = dataclasses.field(default_factory=FileMemo)
     #: Bumped whenever the parent sets up or finishes a fixture or runs a test itself: a zygote forked
     #: before that is no faithful copy of the parent any more.
     generation: int = 0
@@ -108,14 +112,14 @@ class Session:
         found = self._roots.get(configured)
         if found is None:
             if configured.image is not None:
-                opened = image.open_image(str(configured), cache_dir())
+                opened = image.open_image(str(configured), cache_dir(), memo=self._images)
                 found = Root(opened.root, opened.env, opened)
                 if opened.unpack_seconds and self.config.get_verbosity() > 0:
                     self._say(f"lonely: unpacked image {configured} in {opened.unpack_seconds:.2f} s")
             elif configured.path.is_dir():
                 found = Root(configured.path)
             else:
-                unpacked, _ = archive.unpack(configured.path, cache_dir())
+                unpacked, _ = archive.unpack(configured.path, cache_dir(), memo=self._tarball_keys)
                 found = Root(unpacked)
             self._roots[configured] = found
         return found
