@@ -15,8 +15,8 @@ from typing import Final, Literal
 import pytest
 
 from . import _pytest_compat as compat
-from .sandbox.cgroup import format_bytes
 from .sandbox.launcher import Outcome, describe_status
+from .sandbox.limits import format_bytes
 
 Phase = Literal["setup", "call", "teardown"]
 

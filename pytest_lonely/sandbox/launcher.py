@@ -26,6 +26,7 @@ from typing import Any, Final, Literal
 
 from . import _syscalls as sc
 from . import cgroup, init, namespaces, process, protocol
+from .limits import Limits, Usage
 from .pool import NamespacePool
 from .spec import Body, ContainerSpec
 from .zygote import Warm, Zygote, ZygoteError, eligible
@@ -65,7 +66,7 @@ class Outcome:
     #: The kernel's OOM killer acted in the container's cgroup.
     oom_killed: bool = False
     #: What the container used, when the spec asked for it.
-    usage: cgroup.Usage | None = None
+    usage: Usage | None = None
 
 
 def _remove(group: cgroup.Cgroup) -> None:
@@ -94,7 +95,7 @@ class Engine:
         self._pidns_fd = -1 if rootless else os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self._diag_fd = os.memfd_create("lonely-diag", os.MFD_CLOEXEC)
         #: A cgroup made ahead of time for the next container: (limits, usage, cgroup).
-        self._spare: tuple[cgroup.Limits, bool, cgroup.Cgroup] | None = None
+        self._spare: tuple[Limits, bool, cgroup.Cgroup] | None = None
         #: Finished containers not waited for yet, with the cgroup to remove once they are gone.
         self._unreaped: list[tuple[int, cgroup.Cgroup | None]] = []
         #: Cgroups of finished containers of the zygote's, to remove once empty.

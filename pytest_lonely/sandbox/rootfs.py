@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import stat
 import sys
 import sysconfig
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from . import _syscalls as sc
+from . import mountinfo
 
 OLD: Final = "/oldroot"
 NEW: Final = "/newroot"
@@ -76,27 +76,12 @@ class Mount:
     fstype: str
 
 
-_OCTAL_ESCAPE: Final = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash in paths as ``\\ooo``."""
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def read_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+def read_mounts(path: str = mountinfo.MOUNTINFO) -> list[Mount]:
     """The host's visible mounts, the last one per mountpoint, in mount order."""
     mounts: dict[str, Mount] = {}
-    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            try:
-                sep = fields.index("-")
-            except ValueError:
-                continue
-            mountpoint = _unescape(fields[4])
-            mounts.pop(mountpoint, None)
-            mounts[mountpoint] = Mount(mountpoint, fields[sep + 1])
+    for entry in mountinfo.read(path):
+        mounts.pop(entry.mount_point, None)
+        mounts[entry.mount_point] = Mount(entry.mount_point, entry.fstype)
     return list(mounts.values())
 
 

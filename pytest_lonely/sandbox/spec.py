@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 
 from . import namespaces, protocol, rootfs
-from .cgroup import Limits
+from .limits import Limits
 
 
 @dataclasses.dataclass(frozen=True)
