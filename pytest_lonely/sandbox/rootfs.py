@@ -21,7 +21,7 @@ import os
 import stat
 import sys
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final, Literal
 
@@ -188,142 +188,206 @@ class PlanKey:
     writable: tuple[str, ...] = ()
 
 
+class _Layers:
+    """Numbers the copy-on-write layers of one plan: layer ``n`` keeps its upper and work directories at
+    ``/.u{n}`` and ``/.w{n}`` in the scratch root, so each overlay needs a number no other one has."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def new(self) -> int:
+        n = self._next
+        self._next += 1
+        return n
+
+
 def plan(layout: HostLayout, key: PlanKey) -> Plan:
-    """The operations that assemble ``/newroot`` inside the scratch root; see :func:`apply`."""
-    ops: list[Op] = [("mkdir", NEW, 0o755)]
-    counter = iter(range(1_000_000))
-    covered: list[str] = []  # host paths the new root already shows at their own place
+    """The operations that assemble ``/newroot`` inside the scratch root; see :func:`apply`.
 
-    if key.rootfs is None:
-        if not key.rootless:
-            ops.append(("cow", OLD, NEW, next(counter), False))
-            for m in sorted(layout.mounts, key=lambda m: m.mountpoint.count("/")):
-                mp = m.mountpoint
-                if mp == "/" or m.fstype in _PSEUDO_FS or any(_under(mp, "/" + t) for t in _SPECIAL_TOP):
-                    continue
-                ops.append(("optional", mp, (("cow", OLD + mp, NEW + mp, next(counter), False),)))
-        else:
-            # Overlayfs refuses a lower layer with locked submounts inside a user namespace,
-            # so each top-level directory gets its own layer, or a read-only bind if it holds mounts.
-            # The top level itself is a tmpfs: writable, throwaway, and a mount point for pivot_root.
-            ops.append(("mount", "tmpfs", NEW, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755"))
-            for name, kind, target in layout.top:
-                path = "/" + name
-                if kind == "symlink":
-                    ops.append(("symlink", target, NEW + path))
-                elif kind == "file":
-                    ops.append(("optional", path, (("touch", NEW + path), ("bind_ro", OLD + path, NEW + path))))
-                elif name in _SPECIAL_TOP:
-                    continue
-                else:
-                    ops.append(("mkdir", NEW + path, 0o755))
-                    has_submounts = any(_under(m.mountpoint, path) and m.mountpoint != path for m in layout.mounts)
-                    layer: Step = (
-                        ("bind_ro", OLD + path, NEW + path)
-                        if has_submounts
-                        else ("cow", OLD + path, NEW + path, next(counter), True)
-                    )
-                    ops.append(("optional", path, (layer,)))
+    In order: the root (the host view, or the configured tree with what the test needs of the host),
+    ``/proc``'s mount point and ``/sys``, ``/dev``, then ``/tmp`` with whatever must be under it.
+    """
+    layers = _Layers()
+    if key.rootfs is not None:
+        root = _own_root(layout, key, key.rootfs, layers)
+    elif key.rootless:
+        root = _host_view_rootless(layout, layers)
     else:
-        # Mount points are made in the root's upper layer before the overlay goes up: through
-        # the overlay, a user namespace's root may not write into directories that belong to
-        # someone else on the host (they show up as the overflow uid).
-        n = next(counter)
-        upper = f"/.u{n}"
-        prepared: list[Op] = []
-        later: list[Op] = [("cow", OLD + key.rootfs, NEW, n, key.rootless)]
+        root = _host_view(layout, layers)
+    return (
+        ("mkdir", NEW, 0o755),
+        *root,
+        *_proc_and_sys(host_view=key.rootfs is None),
+        *_dev(layout, hidden_proc=not key.rootless),
+        *_tmp(layout, key, layers),
+    )
 
-        def mount_point(path: str, is_dir: bool) -> bool:
-            parts = path.strip("/").split("/")
-            source = key.rootfs or "/"
-            for index, part in enumerate(parts):
-                source = os.path.join(source, part)
-                if os.path.islink(source):
-                    later.append(("note", f"{path} is not available inside the container: {source} is a symlink"))
-                    return False
-                if os.path.exists(source) and not os.path.isdir(source) and (index < len(parts) - 1 or is_dir):
-                    later.append(("note", f"{path} is not available inside the container: {source} is not a directory"))
-                    return False
-            if is_dir:
-                prepared.append(("mkdirs", upper + path))
-            else:
-                prepared.extend([("mkdirs", upper + os.path.dirname(path)), ("touch", upper + path)])
-            return True
 
-        if not os.path.isdir(os.path.join(key.rootfs, "usr")):
-            # A skeleton: borrow the host's system directories, read-only.
-            for name, kind, target in layout.top:
-                if name not in _SYSTEM_DIRS:
-                    continue
-                covered.append("/" + name)
-                if kind == "symlink":
-                    later.append(("symlink", target, NEW + "/" + name))
-                elif kind == "dir" and mount_point("/" + name, True):
-                    later.append(("optional", "/" + name, (("bind_ro", OLD + "/" + name, NEW + "/" + name),)))
-        for path, want_cow in layout.needed:
-            if _under(path, "/tmp") or any(_under(path, c) for c in covered):
+def _host_view(layout: HostLayout, layers: _Layers) -> list[Op]:
+    """Root mode: one overlay over the host's ``/``, and one over each real mount below it (an overlay
+    shows only its own filesystem), shallowest first.  Pseudo filesystems and the directories the
+    container gets fresh ones of are left out."""
+    ops: list[Op] = [("cow", OLD, NEW, layers.new(), False)]
+    for m in sorted(layout.mounts, key=lambda m: m.mountpoint.count("/")):
+        mp = m.mountpoint
+        if mp == "/" or m.fstype in _PSEUDO_FS or any(_under(mp, "/" + t) for t in _SPECIAL_TOP):
+            continue
+        ops.append(("optional", mp, (("cow", OLD + mp, NEW + mp, layers.new(), False),)))
+    return ops
+
+
+def _host_view_rootless(layout: HostLayout, layers: _Layers) -> list[Op]:
+    """Rootless: overlayfs refuses a lower layer with locked submounts inside a user namespace, so each
+    top-level directory gets its own layer, or a read-only bind if it holds mounts.  The top level
+    itself is a tmpfs: writable, throwaway, and a mount point for ``pivot_root``."""
+    ops: list[Op] = [("mount", "tmpfs", NEW, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755")]
+    for name, kind, target in layout.top:
+        path = "/" + name
+        if kind == "symlink":
+            ops.append(("symlink", target, NEW + path))
+        elif kind == "file":
+            ops.append(("optional", path, (("touch", NEW + path), ("bind_ro", OLD + path, NEW + path))))
+        elif name not in _SPECIAL_TOP:
+            ops.append(("mkdir", NEW + path, 0o755))
+            has_submounts = any(_under(m.mountpoint, path) and m.mountpoint != path for m in layout.mounts)
+            layer: Step = (
+                ("bind_ro", OLD + path, NEW + path)
+                if has_submounts
+                else ("cow", OLD + path, NEW + path, layers.new(), True)
+            )
+            ops.append(("optional", path, (layer,)))
+    return ops
+
+
+def _own_root(layout: HostLayout, key: PlanKey, rootfs: str, layers: _Layers) -> list[Op]:
+    """A directory (an unpacked tarball or image) as the root, copy-on-write, plus what the test needs of the
+    host at its host path: the system directories of a skeleton, the interpreter and the project, the
+    writable windows.
+
+    Mount points are made in the root's upper layer before the overlay goes up: through the overlay, a
+    user namespace's root may not write into directories that belong to someone else on the host (they
+    show up as the overflow uid).  So the plan is the mount points first, then the mounts.
+    """
+    n = layers.new()
+    upper = f"/.u{n}"
+    points: list[Op] = []
+    mounts: list[Op] = [("cow", OLD + rootfs, NEW, n, key.rootless)]
+    covered: list[str] = []  # host paths the new root already shows at their own place
+    if not os.path.isdir(os.path.join(rootfs, "usr")):
+        # A skeleton: borrow the host's system directories, read-only.
+        for name, kind, target in layout.top:
+            path = "/" + name
+            if name not in _SYSTEM_DIRS:
                 continue
-            if mount_point(path, os.path.isdir(path)):
-                _expose(later, path, want_cow, key.rootless, counter)
-        for path in key.writable:
-            if not _under(path, "/tmp") and mount_point(path, True):
-                later.append(("bind", OLD + path, NEW + path))
-        ops.extend(prepared)
-        ops.extend(later)
+            covered.append(path)
+            if kind == "symlink":
+                mounts.append(("symlink", target, NEW + path))
+            elif kind == "dir":
+                if (note := _not_a_mount_point(rootfs, path, is_dir=True)) is not None:
+                    mounts.append(note)
+                    continue
+                points += _mount_point(upper, path, is_dir=True)
+                mounts.append(("optional", path, (("bind_ro", OLD + path, NEW + path),)))
+    for path, want_cow in layout.needed:
+        if _under(path, "/tmp") or any(_under(path, c) for c in covered):
+            continue
+        is_dir = os.path.isdir(path)
+        if (note := _not_a_mount_point(rootfs, path, is_dir)) is not None:
+            mounts.append(note)
+            continue
+        points += _mount_point(upper, path, is_dir)
+        mounts.append(_expose(path, want_cow, key.rootless, layers))
+    for path in key.writable:
+        if _under(path, "/tmp"):
+            continue
+        if (note := _not_a_mount_point(rootfs, path, is_dir=True)) is not None:
+            mounts.append(note)
+            continue
+        points += _mount_point(upper, path, is_dir=True)
+        mounts.append(("bind", OLD + path, NEW + path))
+    return points + mounts
 
-    ops.append(("mkdirs", NEW + "/proc"))
+
+def _not_a_mount_point(rootfs: str, path: str, is_dir: bool) -> Note | None:
+    """Why ``path`` cannot become a mount point in ``rootfs`` (a symlink or a file on the way), if it cannot."""
+    parts = path.strip("/").split("/")
+    source = rootfs
+    for index, part in enumerate(parts):
+        source = os.path.join(source, part)
+        if os.path.islink(source):
+            return ("note", f"{path} is not available inside the container: {source} is a symlink")
+        if os.path.exists(source) and not os.path.isdir(source) and (index < len(parts) - 1 or is_dir):
+            return ("note", f"{path} is not available inside the container: {source} is not a directory")
+    return None
+
+
+def _mount_point(upper: str, path: str, is_dir: bool) -> list[Op]:
+    """Make ``path`` (a directory, or an empty file to bind a file onto) in the upper layer ``upper``."""
+    if is_dir:
+        return [("mkdirs", upper + path)]
+    return [("mkdirs", upper + os.path.dirname(path)), ("touch", upper + path)]
+
+
+def _expose(path: str, want_cow: bool, rootless: bool, layers: _Layers) -> Optional_:
+    """Show the host's ``path`` at its own place: copy-on-write if the test may write there, else read-only."""
+    group: tuple[Step, ...]
+    if not os.path.isdir(path):
+        group = (("mkdirs", NEW + os.path.dirname(path)), ("touch", NEW + path), ("bind_ro", OLD + path, NEW + path))
+    elif want_cow:
+        group = (("mkdirs", NEW + path), ("cow", OLD + path, NEW + path, layers.new(), rootless))
+    else:
+        group = (("mkdirs", NEW + path), ("bind_ro", OLD + path, NEW + path))
+    return ("optional", path, group)
+
+
+def _proc_and_sys(host_view: bool) -> list[Op]:
     # /proc itself is mounted by PID 1 (mount_proc): it must show PID 1's own namespace.
-    if key.rootfs is None:
-        ops.append(("mkdirs", NEW + "/sys"))
+    ops: list[Op] = [("mkdirs", NEW + "/proc")]
+    if host_view:
         # A read-only bind of the host's, made before the user namespace that then locks it.  A fresh
         # sysfs would have to be mounted after the new network namespace, so unlocked, and sysfs checks
         # only the mode bits: root inside could remount it writable.  The price: with network=False,
         # /sys/class/net shows the host's interfaces (read-only).
-        ops.append(("bind_ro", OLD + "/sys", NEW + "/sys"))
-    _dev(ops, layout, hidden_proc=not key.rootless)
-    ops.append(("mkdirs", NEW + "/tmp"))
-    ops.append(("mount", "tmpfs", NEW + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"))
-    for path, want_cow in layout.needed:
-        if _under(path, "/tmp"):
-            _expose(ops, path, want_cow, key.rootless, counter)
-    for path in key.writable:
-        if key.rootfs is None or _under(path, "/tmp"):
-            ops.extend([("mkdirs", NEW + path), ("bind", OLD + path, NEW + path)])
-    return tuple(ops)
+        ops += [("mkdirs", NEW + "/sys"), ("bind_ro", OLD + "/sys", NEW + "/sys")]
+    return ops
 
 
-def _expose(ops: list[Op], path: str, want_cow: bool, rootless: bool, counter: Iterator[int]) -> None:
-    group: list[Step]
-    if os.path.isdir(path):
-        group = [("mkdirs", NEW + path)]
-        if want_cow:
-            group.append(("cow", OLD + path, NEW + path, next(counter), rootless))
-        else:
-            group.append(("bind_ro", OLD + path, NEW + path))
-    else:
-        group = [("mkdirs", NEW + os.path.dirname(path)), ("touch", NEW + path), ("bind_ro", OLD + path, NEW + path)]
-    ops.append(("optional", path, tuple(group)))
-
-
-def _dev(ops: list[Op], layout: HostLayout, hidden_proc: bool) -> None:
+def _dev(layout: HostLayout, hidden_proc: bool) -> list[Op]:
     dev = NEW + "/dev"
-    ops.append(("mkdirs", dev))
-    # nodev: a node made here opens nothing; the bound nodes below are mounts of their own and keep working.
-    ops.append(("mount", "tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "mode=0755"))
+    ops: list[Op] = [
+        ("mkdirs", dev),
+        # nodev: a node made here opens nothing; the bound nodes below are mounts of their own and keep working.
+        ("mount", "tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "mode=0755"),
+    ]
     if hidden_proc:
         ops.append(("mkdirs", NEW + HIDDEN_PROC + "/proc"))
     for name in layout.dev_nodes:
         ops.append(("touch", f"{dev}/{name}"))
         ops.append(("mount", f"{OLD}/dev/{name}", f"{dev}/{name}", None, sc.MS_BIND, None))
-    ops.append(("mkdir", dev + "/pts", 0o755))
-    ops.append(
-        ("mount", "devpts", dev + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
-    )
-    ops.append(("symlink", "pts/ptmx", dev + "/ptmx"))
-    ops.append(("mkdir", dev + "/shm", 0o1777))
+    ops += [
+        ("mkdir", dev + "/pts", 0o755),
+        ("mount", "devpts", dev + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"),
+        ("symlink", "pts/ptmx", dev + "/ptmx"),
+        ("mkdir", dev + "/shm", 0o1777),
+    ]
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):  # fmt: skip
         ops.append(("symlink", target, f"{dev}/{name}"))
+    return ops
+
+
+def _tmp(layout: HostLayout, key: PlanKey, layers: _Layers) -> list[Op]:
+    """A fresh ``/tmp``, then what must be under it: interpreter or project trees that live in ``/tmp``, and
+    the writable windows (for the host view, all of them: they go last, over whatever the view shows)."""
+    ops: list[Op] = [
+        ("mkdirs", NEW + "/tmp"),
+        ("mount", "tmpfs", NEW + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"),
+    ]
+    ops += [_expose(path, cow, key.rootless, layers) for path, cow in layout.needed if _under(path, "/tmp")]
+    for path in key.writable:
+        if key.rootfs is None or _under(path, "/tmp"):
+            ops += [("mkdirs", NEW + path), ("bind", OLD + path, NEW + path)]
+    return ops
 
 
 # --- child side -------------------------------------------------------------------------------
