@@ -203,6 +203,7 @@ def _pid1(launch: Launch, host_pid: int) -> int:
         spec, body = _await_go(launch.go_fd, launch.factory, spec)
         os.close(launch.go_fd)
     socket.sethostname(spec.hostname)
+    rootfs.write_hosts(spec.hostname)  # the hostname resolves, as in Docker (rootfs.ENGINE_WRITES)
     for name, value in spec.env:
         os.environ[name] = value
     if "HOSTNAME" in os.environ:

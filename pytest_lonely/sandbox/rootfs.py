@@ -16,7 +16,9 @@ detach everything else.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import stat
 import sys
@@ -35,6 +37,15 @@ NEW: Final = "/newroot"
 PROC_COVERS: Final = ("sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "scsi", "driver", "latency_stats", "mtrr")
 #: Where root mode keeps its hidden read-only proc (see :func:`hide_readonly_proc`).
 HIDDEN_PROC: Final = "/dev/.lonely-proc"
+
+#: The files the engine itself writes into a container's root once it is built, before the test starts
+#: (:func:`write_hosts`): not changes the test made.  A copy-up also makes their parent directories.
+ENGINE_WRITES: Final = ("/etc/hosts",)
+HOSTS: Final = "/etc/hosts"
+#: Where the container's hostname resolves: a loopback address of its own, as Debian names a machine.
+HOSTNAME_ADDRESS: Final = "127.0.1.1"
+#: What a root without ``/etc/hosts`` gets besides its hostname: Docker's loopback lines.
+_DEFAULT_HOSTS: Final = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 #: Device nodes bound into the container's /dev.  No block devices, ever.
 DEV_NODES: Final = ("null", "zero", "full", "random", "urandom", "tty")
@@ -171,11 +182,17 @@ def _imported_roots() -> set[str]:
     return roots
 
 
-def _overlay_data(lower: str, n: int, rootless: bool) -> str:
+def _overlay_data(lower: str, n: int, rootless: bool, xino: bool = True) -> str:
+    """The options of layer ``n``.  ``xino=on``: overlayfs gives every file one inode number space, so
+    ``stat`` and ``readdir`` agree on inode numbers and every file reports the overlay's ``st_dev``, as on
+    any single filesystem (without it, upper and lower on different filesystems, they disagree)."""
+
     def esc(p: str) -> str:
         return p.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
     data = f"lowerdir={esc(lower)},upperdir=/.u{n},workdir=/.w{n}"
+    if xino:
+        data += ",xino=on"
     return data + ",userxattr" if rootless else data
 
 
@@ -425,15 +442,85 @@ def cover_proc(proc: str) -> None:
 
 
 def hide_readonly_proc(root: str) -> None:
-    """A fully visible, read-only proc under an empty read-only tmpfs, so a nested PID namespace may mount one.
+    """A fully visible, read-only proc under a read-only tmpfs, so a nested PID namespace may mount one.
 
     The kernel allows a new proc in a user namespace only if a proc at least as restrictive is fully
     visible; ``/proc`` is not (its covers), this one is.  The tmpfs goes over its parent: a mount on the
-    proc itself would make it "not fully visible" again.
+    proc itself would make it "not fully visible" again.  The tmpfs holds an empty ``proc`` directory, so
+    that every mount point ``/proc/self/mountinfo`` lists exists inside (psutil's ``disk_partitions``
+    stats them all): the hidden proc's own mount point is listed too.
     """
     hidden = root + HIDDEN_PROC
-    sc.mount("proc", hidden + "/proc", "proc", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-    sc.mount("tmpfs", hidden, "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "size=0")
+    flags = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    sc.mount("proc", hidden + "/proc", "proc", sc.MS_RDONLY | flags)
+    sc.mount("tmpfs", hidden, "tmpfs", flags, "size=4k,nr_inodes=2,mode=0755")
+    os.mkdir(hidden + "/proc", 0o555)
+    sc.mount(None, hidden, None, sc.MS_REMOUNT | sc.MS_RDONLY | flags)
+
+
+def hosts_text(current: str | None, hostname: str) -> str | None:
+    """The container's ``/etc/hosts``: its root's own (Docker's loopback lines where it has none) with the
+    container's hostname mapped to :data:`HOSTNAME_ADDRESS` on the first line, so that a lookup of that
+    address finds it first too (``socket.getfqdn()``); ``None`` when the hostname is named there already."""
+    text = _DEFAULT_HOSTS if current is None else current
+    for line in text.splitlines():
+        names = line.partition("#")[0].split()[1:]
+        if hostname.lower() in (name.lower() for name in names):
+            return None
+    return f"{HOSTNAME_ADDRESS}\t{hostname}\n" + text
+
+
+def write_hosts(hostname: str) -> None:
+    """Make the container's hostname resolve, as Docker does: its own ``/etc/hosts`` names it.
+
+    Called by PID 1 once the hostname is known, before the test.  Written in place when the root can
+    take it: copy-on-write, so the host's file is never touched, and the test may still replace the file
+    as it could in-process.  Where it cannot (the host's ``/etc/hosts`` seen read-only because it is a
+    bind mount on the host, as in Docker; rootless, a file owned by a host uid outside the user
+    namespace's map), a file on the container's own ``/dev`` tmpfs is bound over it instead, as Docker
+    binds its own.  Best effort: a root without ``/etc`` that cannot be made keeps an unresolvable
+    hostname rather than failing the test.
+    """
+    try:
+        with open(HOSTS, encoding="utf-8", errors="surrogateescape") as f:
+            current: str | None = f.read()
+    except FileNotFoundError:
+        current = None
+    except OSError:
+        return
+    text = hosts_text(current, hostname)
+    if text is None:
+        return
+    try:
+        _write_in_place(HOSTS, text, create=current is None)
+    except OSError:
+        with contextlib.suppress(OSError):
+            _bind_file_over(HOSTS, text)
+
+
+def _write_in_place(path: str, text: str, create: bool) -> None:
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.dirname(path), 0o755)
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o644)
+    try:
+        os.write(fd, text.encode("utf-8", "surrogateescape"))
+    finally:
+        os.close(fd)
+
+
+def _bind_file_over(path: str, text: str) -> None:
+    """Bind a file holding ``text`` over ``path``; its source, on the container's ``/dev`` tmpfs, is unlinked."""
+    source = f"/dev/.lonely-{os.path.basename(path)}"
+    fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            os.write(fd, text.encode("utf-8", "surrogateescape"))
+        finally:
+            os.close(fd)
+        sc.mount(source, path, None, sc.MS_BIND)
+    finally:
+        os.unlink(source)
 
 
 def _mkdirs(path: str) -> None:
@@ -475,7 +562,13 @@ def _cow(lower: str, target: str, n: int, rootless: bool) -> None:
     os.mkdir(f"/.w{n}", 0o755)
     try:
         # nodev: a device node in a lower layer (or made by a test) must not open the host's device.
-        sc.mount("overlay", target, "overlay", sc.MS_NODEV, _overlay_data(lower, n, rootless))
+        try:
+            sc.mount("overlay", target, "overlay", sc.MS_NODEV, _overlay_data(lower, n, rootless))
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # Linux before 4.17 knows no xino: inode numbers then differ between stat and readdir.
+            sc.mount("overlay", target, "overlay", sc.MS_NODEV, _overlay_data(lower, n, rootless, xino=False))
     except OSError:
         _bind_ro(lower, target)
 
