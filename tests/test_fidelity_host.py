@@ -41,7 +41,9 @@ from rootless_env import (
     world_tempdir,
 )
 
-pytestmark = pytest.mark.skipif(
+from pytest_lonely.sandbox import rootfs
+
+needs_root = pytest.mark.skipif(
     sys.platform != "linux" or os.geteuid() != 0, reason="needs Linux and root (rootless runs as uid 65534)"
 )
 
@@ -353,6 +355,7 @@ def session(request: pytest.FixtureRequest, host_hosts: tuple[bytes, int]) -> It
 UNRESOLVED = ("rootless", "busybox_complete_root")
 
 
+@needs_root
 def test_the_hostname_resolves_inside_as_it_does_in_process(session: Session) -> None:
     """CPython's testHostnameRes and testSockName: gethostbyname(gethostname()) works, to a loopback address."""
     here = session["in_process"]["hostname"]
@@ -371,6 +374,7 @@ def test_the_hostname_resolves_inside_as_it_does_in_process(session: Session) ->
         assert here["hostname"] not in seen["hosts"].split("\n", 1)[0], "the host's name must not be the first line"
 
 
+@needs_root
 def test_the_hosts_file_is_written_in_place_where_the_root_can_take_it(session: Session) -> None:
     """Else (read-only, or owned by a uid outside a rootless map) a file of the container's own is bound over it."""
     writable = {"host", "host_from_the_zygote", "network_none", "privileged", "skeleton", "tarball", "image"}
@@ -385,6 +389,7 @@ def test_the_hosts_file_is_written_in_place_where_the_root_can_take_it(session: 
         assert facts["hostname"]["hosts_mounted"] == (kind not in writable), f"{session.mode}/{kind}"
 
 
+@needs_root
 def test_the_root_keeps_its_own_hosts_lines(session: Session) -> None:
     """The container's /etc/hosts is its root's own plus one line; a root without one gets Docker's."""
     host = Path("/etc/hosts").read_text()
@@ -401,6 +406,7 @@ def test_the_root_keeps_its_own_hosts_lines(session: Session) -> None:
         assert rest == expected[kind], f"{session.mode}/{kind}"
 
 
+@needs_root
 def test_scandir_and_stat_agree_on_inode_numbers(session: Session) -> None:
     """CPython's TestScandir.test_attributes: entry.inode() == os.stat(entry.path).st_ino, one st_dev per filesystem."""
     assert session["in_process"]["inodes"]["mismatches"] == []
@@ -410,6 +416,7 @@ def test_scandir_and_stat_agree_on_inode_numbers(session: Session) -> None:
             assert len(facts[where]["devices"]) == 1, f"{session.mode}/{kind} ({where}): {facts[where]}"
 
 
+@needs_root
 def test_every_listed_mount_point_exists_and_nested_proc_still_mounts(session: Session) -> None:
     """psutil's test_disk_partitions stats every mount point; the README promises a nested PID namespace its /proc."""
     assert session["in_process"]["mounts"]["missing"] == []
@@ -420,6 +427,7 @@ def test_every_listed_mount_point_exists_and_nested_proc_still_mounts(session: S
     assert "nested_proc" in session["host"]["mounts"]
 
 
+@needs_root
 def test_disk_usage_reports_the_test_layer(session: Session) -> None:
     """shutil.disk_usage() inside describes the tmpfs that holds the test's writes (see README), not the host's disk."""
     total, used, free = session["in_process"]["disk"]["root"]
@@ -431,3 +439,27 @@ def test_disk_usage_reports_the_test_layer(session: Session) -> None:
         assert total > 0, f"{session.mode}/{kind}"
         assert total >= used, f"{session.mode}/{kind}"
         assert facts["disk"]["grew"] >= WRITTEN, f"{session.mode}/{kind}: {facts['disk']}"
+
+
+# --------------------------------------------------------------------------- the hosts file's text
+
+
+def test_hosts_text_puts_the_hostname_first() -> None:
+    text = rootfs.hosts_text("127.0.0.1 localhost\n127.0.1.1 hostbox.example hostbox\n", "web-1")
+    assert text == "127.0.1.1\tweb-1\n127.0.0.1 localhost\n127.0.1.1 hostbox.example hostbox\n"
+
+
+def test_hosts_text_without_a_file_has_dockers_loopback_lines() -> None:
+    text = rootfs.hosts_text(None, "web-1")
+    assert text == "127.0.1.1\tweb-1\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+@pytest.mark.parametrize("hostname", ["localhost", "LocalHost", "hostbox", "alias"])
+def test_hosts_text_leaves_a_file_that_names_the_hostname_alone(hostname: str) -> None:
+    current = "127.0.0.1 localhost\n10.0.0.1 hostbox alias # not: web-1\n"
+    assert rootfs.hosts_text(current, hostname) is None
+    assert rootfs.hosts_text(current, "web-1") is not None  # a name in a comment names nothing
+
+
+def test_the_engine_writes_are_listed_in_one_place() -> None:
+    assert rootfs.HOSTS in rootfs.ENGINE_WRITES
