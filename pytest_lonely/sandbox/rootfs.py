@@ -482,8 +482,7 @@ def write_hosts(hostname: str) -> None:
     hostname rather than failing the test.
     """
     try:
-        with open(HOSTS, encoding="utf-8", errors="surrogateescape") as f:
-            current: str | None = f.read()
+        current: str | None = _read(HOSTS)
     except FileNotFoundError:
         current = None
     except OSError:
@@ -496,6 +495,18 @@ def write_hosts(hostname: str) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             _bind_file_over(HOSTS, text)
+
+
+def _read(path: str) -> str:
+    """A small file's text, with plain system calls: this runs on every test's critical path."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "surrogateescape")
 
 
 def _write_in_place(path: str, text: str, create: bool) -> None:
