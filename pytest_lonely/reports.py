@@ -16,7 +16,7 @@ import pytest
 
 from . import _pytest_compat as compat
 from .sandbox.box import Outcome
-from .sandbox.cgroup import format_bytes
+from .sandbox.limits import format_bytes
 from .sandbox.process import describe_status
 from .sandbox.protocol import ProtocolError
 

@@ -20,6 +20,7 @@ from . import _pytest_compat as compat
 from .sandbox import archive, cgroup, image, probe, rootfs
 from .sandbox.cache import FileMemo
 from .sandbox.engine import Engine
+from .sandbox.limits import Limits, Usage
 from .settings import Rootfs, RunOptions, SettingError, Spec
 
 
@@ -46,7 +47,7 @@ class Session:
     #: Tests whose results a plugin keeps in-process and that the container could not hand back, by plugin.
     lost_results: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     #: What each isolated test used, for ``--lonely-usage``.
-    usage: dict[str, cgroup.Usage] = dataclasses.field(default_factory=dict)
+    usage: dict[str, Usage] = dataclasses.field(default_factory=dict)
     _availability: probe.Availability | None = None
     _engine: Engine | None = None
     _layout: rootfs.HostLayout | None = None
@@ -136,7 +137,7 @@ class Session:
     def usage_unavailable(self) -> str | None:
         if self.options.usage is None:
             return None
-        return cgroup.manager().why_not(cgroup.Limits(), usage=True)
+        return cgroup.manager().why_not(Limits(), usage=True)
 
     def reap(self) -> None:
         """Stop the zygote and wait for every container, so no test ever sees a child of ours."""

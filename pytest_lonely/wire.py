@@ -23,7 +23,7 @@ import pytest
 
 from . import _pytest_compat as compat
 from .container import Container, ImageInfo
-from .sandbox.cgroup import Limits
+from .sandbox.limits import Limits
 from .sandbox.protocol import ProtocolError
 
 # --- reports ---------------------------------------------------------------------------------------

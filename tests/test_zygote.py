@@ -319,8 +319,9 @@ def test_a_bad_tuning_variable_is_a_usage_error(
 def test_limits_hold_in_containers_from_the_zygote(pytester: pytest.Pytester) -> None:
     """As root, a container built ahead of time is moved into its cgroup before GO: the limit still applies."""
     from pytest_lonely.sandbox import cgroup
+    from pytest_lonely.sandbox.limits import Limits
 
-    why = cgroup.manager().why_not(cgroup.Limits(memory=64 << 20, pids=16))
+    why = cgroup.manager().why_not(Limits(memory=64 << 20, pids=16))
     if why is not None:
         pytest.skip(why)
     same_in_both(

@@ -23,6 +23,7 @@ from typing import Any, Final, Literal
 
 from . import cgroup, process, protocol
 from .fork import PIPE_SIZE
+from .limits import Usage
 from .zygote import Zygote
 
 #: Seconds between the child's traceback dump at the timeout and the parent's SIGKILL.
@@ -67,7 +68,7 @@ class Outcome:
     #: The kernel's OOM killer acted in the container's cgroup.
     oom_killed: bool = False
     #: What the container used, when the spec asked for it.
-    usage: cgroup.Usage | None = None
+    usage: Usage | None = None
 
     @property
     def ended(self) -> bool:

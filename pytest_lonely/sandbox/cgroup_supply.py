@@ -13,6 +13,7 @@ import contextlib
 import os
 
 from . import cgroup
+from .limits import Limits
 
 
 def remove(group: cgroup.Cgroup) -> None:
@@ -26,11 +27,11 @@ class CgroupSupply:
 
     def __init__(self) -> None:
         #: A cgroup made ahead of time for the next container: (limits, usage, cgroup).
-        self._spare: tuple[cgroup.Limits, bool, cgroup.Cgroup] | None = None
+        self._spare: tuple[Limits, bool, cgroup.Cgroup] | None = None
         #: Cgroups of finished containers a zygote reaps, to remove once they are empty.
         self._emptying: list[cgroup.Cgroup] = []
 
-    def take(self, name: str, limits: cgroup.Limits, usage: bool) -> cgroup.Cgroup:
+    def take(self, name: str, limits: Limits, usage: bool) -> cgroup.Cgroup:
         """The spare if it fits, else a new one.  Raises :class:`~.cgroup.CgroupError` or ``OSError``."""
         spare, self._spare = self._spare, None
         if spare is not None:
@@ -40,7 +41,7 @@ class CgroupSupply:
             remove(group)
         return cgroup.manager().create(name, limits, usage)
 
-    def prepare(self, limits: cgroup.Limits, usage: bool) -> None:
+    def prepare(self, limits: Limits, usage: bool) -> None:
         """Make the next container's cgroup now, while the current container runs on the other core."""
         if self._spare is not None:
             return

@@ -220,6 +220,7 @@ def _pid1(launch: Launch, host_pid: int) -> int:
 def _settle(spec: ContainerSpec) -> None:
     """What the container learns with its first order: its hostname and environment."""
     socket.sethostname(spec.hostname)
+    rootfs.write_hosts(spec.hostname)  # the hostname resolves, as in Docker (rootfs.ENGINE_WRITES)
     for name, value in spec.env:
         os.environ[name] = value
     if "HOSTNAME" in os.environ:

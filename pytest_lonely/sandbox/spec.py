@@ -7,7 +7,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from . import namespaces, protocol, rootfs
-from .cgroup import Limits
+from .limits import Limits
 
 
 @dataclasses.dataclass(frozen=True)
