@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -80,7 +81,12 @@ class IsolatedRun:
         self._resume_capture()
         try:
             outcome = self.state.engine().run(
-                ready.engine_spec, work, order, self.on_frame, need_status=bool(hook.get_hookimpls())
+                ready.engine_spec,
+                work,
+                order,
+                self.on_frame,
+                need_status=bool(hook.get_hookimpls()),
+                terminal=self._terminal(),
             )
         except (Exception, pytest.fail.Exception) as exc:  # raised in the parent while waiting: pytest-timeout
             outcome = Outcome(
@@ -102,6 +108,22 @@ class IsolatedRun:
             container=dataclasses.replace(ready.container, host_pid=outcome.host_pid),
             exitstatus=outcome.exitstatus,
         )
+
+    def _terminal(self) -> int:
+        """The terminal to lend the container: with ``-s`` a debugger inside reads it, as in-process.
+
+        The container's processes have a process group of their own, which the
+        terminal would stop (SIGTTIN) for reading while pytest's is in the
+        foreground; so while the test runs its group is the foreground one.
+        """
+        if self.config.getoption("capture", "fd") != "no":
+            return -1
+        try:
+            if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
+                return 0
+        except OSError:
+            pass
+        return -1
 
     def _work(self, ready: preflight.Ready, coverage: bool) -> tuple[Work, Any]:
         """What the container runs: the item, found by its index in the session's items.

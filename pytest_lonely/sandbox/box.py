@@ -84,6 +84,7 @@ class Box:
         *,
         child: int,
         pid1: process.Handle | None,
+        pgid: int = 0,
         go_fd: int,
         read_fd: int,
         outputs: tuple[int, int, int],
@@ -94,6 +95,8 @@ class Box:
         #: The process we (or the zygote) forked: PID 1, or the middle process rootless.
         self.child = child
         self.pid1 = pid1
+        #: The process group of the container's processes, made by its forker (not named by the container).
+        self.pgid = pgid
         self.go_fd = go_fd
         self.read_fd = read_fd
         self.outputs = outputs
@@ -110,13 +113,19 @@ class Box:
     def host_pid(self) -> int:
         return self.pid1.pid if self.pid1 is not None else 0
 
-    def run(self, tail: Any, order: Any, timeout: float, on_frame: OnFrame) -> Outcome:
-        """Hand over one order and read the frames of its work to the end of it."""
+    def run(self, tail: Any, order: Any, timeout: float, on_frame: OnFrame, terminal: int = -1) -> Outcome:
+        """Hand over one order and read the frames of its work to the end of it.
+
+        ``terminal``: the controlling terminal's fd, to hand to the container's
+        process group while it works (a debugger inside reads it), when the
+        caller is that terminal's foreground process group.
+        """
         outcome = Outcome("crashed", host_pid=self.host_pid)
         if self.failure is not None:
             self.kill()
             outcome.kind, outcome.payload = "error", self.failure
             return outcome
+        handed = terminal >= 0 and self.pgid > 0 and _hand_terminal(terminal, self.pgid)
         try:
             protocol.write_all(self.go_fd, protocol.encode(protocol.Kind.GO, [tail, order]))
         except OSError:
@@ -130,6 +139,8 @@ class Box:
             raise
         finally:
             outcome.elapsed = time.monotonic() - start
+            if handed:
+                _hand_terminal(terminal, os.getpgrp())
         if outcome.kind != "done":
             self.kill()
         if self.group is not None:
@@ -235,6 +246,18 @@ class Box:
         if self.owner is not None:
             return self.owner.exit_code(self.child)
         return engine_wait(self.child)
+
+
+def _hand_terminal(fd: int, group: int) -> bool:
+    """Make ``group`` the terminal's foreground process group; SIGTTOU is held off while a background group asks."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
+    try:
+        os.tcsetpgrp(fd, group)
+    except OSError:
+        return False
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return True
 
 
 def wait_child(pid: int) -> int | None:

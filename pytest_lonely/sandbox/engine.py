@@ -111,12 +111,21 @@ class Engine:
             self.cgroups.prepare(spec.limits, spec.usage)
         return box
 
-    def run(self, spec: ContainerSpec, work: Work, order: Any, on_frame: OnFrame, need_status: bool = False) -> Outcome:
+    def run(
+        self,
+        spec: ContainerSpec,
+        work: Work,
+        order: Any,
+        on_frame: OnFrame,
+        *,
+        need_status: bool = False,
+        terminal: int = -1,
+    ) -> Outcome:
         """One container, one order: launch, run, end."""
         box = self.launch(spec, work)
         outcome = None
         try:
-            outcome = box.run(spec.tail(), order, spec.timeout, on_frame)
+            outcome = box.run(spec.tail(), order, spec.timeout, on_frame, terminal)
         finally:
             self.end(box, outcome, need_status)
         return outcome
@@ -156,6 +165,7 @@ class Engine:
         return Box(
             child=started.child,
             pid1=started.pid1,
+            pgid=started.group,
             go_fd=started.go_fd,
             read_fd=started.read_fd,
             outputs=started.outputs,
@@ -181,6 +191,7 @@ class Engine:
         box = Box(
             child=handed.child,
             pid1=handed.pid1,
+            pgid=handed.group,
             go_fd=handed.go_fd,
             read_fd=handed.read_fd,
             outputs=handed.outputs,

@@ -24,6 +24,7 @@ import fcntl
 import gc
 import os
 import select
+import signal
 import socket
 from typing import Any, Final
 
@@ -46,6 +47,8 @@ class Started:
     child: int
     #: PID 1, once known: at once in root mode, from the middle rootless (None if it died first).
     pid1: process.Handle | None
+    #: The process group of the container's processes (no PID of its namespace; see ``group_leader``).
+    group: int
     #: Our ends: the GO pipe to write its work to, the report pipe to read its frames from.
     go_fd: int
     read_fd: int
@@ -104,13 +107,15 @@ def start(
         ctl_fd=theirs.fileno(),
         outputs=outputs,
         cgroup_fds=cgroup_fds,
-        sigint=sigint,
+        sigint=sigint if sigint is not None else signal.getsignal(signal.SIGINT),
     )
     frozen = gc.get_freeze_count() != 0
+    # Rootless, the middle process makes the PID namespace and PID 1's process group.
+    split = not spec.rootless
+    group = sc.group_leader() if split else 0
     # Frozen objects stay out of the child's collector, which would otherwise write-fault pages all over the heap.
     gc.freeze()
     try:
-        split = not spec.rootless  # rootless, the middle process makes the PID namespace
         if split:
             sc.unshare(sc.CLONE_NEWPID)  # our next child is PID 1 of a new PID namespace
         try:
@@ -129,8 +134,10 @@ def start(
         os.close(go_read)
         os.close(write_fd)
         theirs.close()
+    if split:
+        process.join_group(pid, group)
     pid1 = None if spec.rootless else process.Handle.of_child(pid)
-    return Started(pid, pid1, go_write, read_fd, outputs, ours)
+    return Started(pid, pid1, group, go_write, read_fd, outputs, ours)
 
 
 def establish(started: Started, spec: ContainerSpec, timeout: float = BUILD_TIMEOUT) -> str | None:
@@ -146,8 +153,10 @@ def establish(started: Started, spec: ContainerSpec, timeout: float = BUILD_TIME
     try:
         if spec.rootless:
             message, fds = _receive(ctl, timeout)
-            if message.startswith(b"p") and message[1:].isdigit() and len(fds) == 1:
-                started.pid1 = process.Handle(int(message[1:]), fds[0])
+            fields = message[1:].split()
+            if message.startswith(b"p") and len(fields) == 2 and all(f.isdigit() for f in fields) and len(fds) == 1:
+                started.pid1 = process.Handle(int(fields[0]), fds[0])
+                started.group = int(fields[1])
             else:
                 for fd in fds:
                     os.close(fd)

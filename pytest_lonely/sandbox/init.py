@@ -53,7 +53,7 @@ class Launch:
     outputs: tuple[int, int, int]
     #: ``cgroup.procs`` of the container's cgroups, opened by the parent: entered before anything else.
     cgroup_fds: tuple[int, ...] = ()
-    #: The SIGINT handler PID 1 runs (the zygote ignores SIGINT itself); None: as inherited.
+    #: The SIGINT handler PID 1 runs: its forker's (the zygote and the middle process ignore SIGINT).
     sigint: Any = None
 
 
@@ -61,9 +61,6 @@ def main(launch: Launch) -> NoReturn:
     """Entry point right after the fork; never returns."""
     status = process.EXIT_INTERNAL
     try:
-        # Our own session and process group, before anything else: a signal to pytest's group (Ctrl-C in
-        # the terminal, killpg by a CI runner) is pytest's to forward, and kill(0, ...) inside reaches only us.
-        os.setsid()
         if launch.spec.rootless:
             status = _rootless_middle(launch)
         else:
@@ -108,7 +105,11 @@ def _rootless_middle(launch: Launch) -> int:
     be believed; PID 1 never holds that channel.
     """
     process.guard_parent(launch.parent_pid)
+    # In pytest's process group until PID 1 leaves it: Ctrl-C there is pytest's to forward, not ours to die of.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cgroup.enter(launch.cgroup_fds)  # PID 1 and everything it starts inherit it
+    # PID 1's process group, made before the PID namespace: this child must not become its init.
+    group = sc.group_leader()
     # UTS, IPC and NET come later, in PID 1's second user namespace, which must own them.
     sc.unshare(namespaces.flags({"user", "pid", "mnt"}))
     namespaces.map_root(launch.uid, launch.gid)
@@ -116,7 +117,6 @@ def _rootless_middle(launch: Launch) -> int:
 
     def pid1() -> int:
         try:
-            os.setsid()
             return _pid1(launch, process.guard_parent(middle))
         except BaseException as exc:
             send_error(launch.write_fd, exc)
@@ -128,9 +128,10 @@ def _rootless_middle(launch: Launch) -> int:
     opened = process.open_fds()
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     pid = process.spawn(pid1)
+    process.join_group(pid, group)
     pidfd = os.pidfd_open(pid)
     try:
-        socket.send_fds(socket.socket(fileno=launch.ctl_fd), [b"p%d" % pid], [pidfd])
+        socket.send_fds(socket.socket(fileno=launch.ctl_fd), [b"p%d %d" % (pid, group)], [pidfd])
     finally:
         os.close(pidfd)
     # Nothing of pytest's, and none of the container's pipes, stays open here: EOF must reach the parent
@@ -188,8 +189,7 @@ def _pid1(launch: Launch, host_pid: int) -> int:
     # not closed: a stale object of the user's must never write into a pipe of ours that took its number.
     keep = {0, 1, 2, launch.write_fd, launch.go_fd, *launch.outputs, *spec.keep_fds}
     process.hold_fds(keep, process.open_fds())
-    if launch.sigint is not None:
-        signal.signal(signal.SIGINT, launch.sigint)
+    signal.signal(signal.SIGINT, launch.sigint if launch.sigint is not None else signal.SIG_DFL)
     faulthandler.enable(file=diag_fd, all_threads=True)
     send = protocol.Sender(launch.write_fd)
     first = True

@@ -103,6 +103,20 @@ class Handle:
             self.pidfd = -1
 
 
+def join_group(child: int, group: int) -> None:
+    """Move our (not yet exec'd) child into ``group``, made by :func:`~._syscalls.group_leader`, and reap its leader.
+
+    The container's processes then have a process group of their own, which
+    no other process of ours is in, whose ID is no PID of the container's
+    namespace.  A child that already died cannot be moved: nothing to do.
+    """
+    try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.setpgid(child, group)
+    finally:
+        os.waitpid(group, 0)
+
+
 def kill_and_reap(pid: int) -> int | None:
     """SIGKILL our (unreaped) child and wait for it; its ``waitstatus_to_exitcode``, or None if it was not ours."""
     with contextlib.suppress(ProcessLookupError):

@@ -110,6 +110,7 @@ class Handed:
 
     child: int
     pid1: process.Handle | None
+    group: int
     go_fd: int
     read_fd: int
     outputs: tuple[int, int, int]
@@ -203,11 +204,12 @@ class Zygote:
                 os.close(fd)
             raise ZygoteError("the zygote exited")
         kind, child, value = marshal.loads(message)
-        if kind == "ready" and len(fds) == (_READY_FDS if value else _READY_FDS - 1) and self._asked:
+        if kind == "ready" and len(fds) == (_READY_FDS if value[0] else _READY_FDS - 1) and self._asked:
             # Without PID 1's pidfd only when it died while it was built (rootless): its pipe says why.
             go_fd, read_fd, out, err, diag = fds[:5]
-            pid1 = process.Handle(value, fds[5]) if value else None
-            self._ready.append((self._asked.popleft(), Handed(child, pid1, go_fd, read_fd, (out, err, diag))))
+            pid1 = process.Handle(value[0], fds[5]) if value[0] else None
+            handed = Handed(child, pid1, value[1], go_fd, read_fd, (out, err, diag))
+            self._ready.append((self._asked.popleft(), handed))
         elif kind == "exit":
             self._exits[child] = value
             if len(self._exits) > _KEEP_EXITS:  # asked for right after a container ends, if at all
@@ -345,7 +347,8 @@ class _Server:
         self.children[pidfd] = (started.child, started.pid1)
         try:
             pid1 = started.pid1.pid if started.pid1 is not None else 0
-            socket.send_fds(self.sock, [marshal.dumps(("ready", started.child, pid1))], started.fds())
+            ready = ("ready", started.child, (pid1, started.group))
+            socket.send_fds(self.sock, [marshal.dumps(ready)], started.fds())
         finally:
             for fd in (started.go_fd, started.read_fd, *started.outputs):
                 os.close(fd)
