@@ -17,9 +17,11 @@ instead of taking the session down.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any, Final
 
 import pytest
@@ -144,15 +146,42 @@ def _setupstate(item: pytest.Item) -> Any:
     return item.session._setupstate
 
 
-def setup_broader_fixtures(item: pytest.Item) -> None:
-    """Set up the collectors and every fixture broader than the function, before the fork.
+#: pytest's fixture scopes, narrowest first (``_pytest.scope.Scope`` is private).
+_SCOPE_RANK: Final = {"function": 0, "class": 1, "module": 2, "package": 3, "session": 4}
 
-    The child inherits them, so a session fixture used by many isolated tests
-    runs once, in the host process, and is torn down there when its scope
-    ends.  This mirrors ``SetupState.setup`` minus the item itself.
+
+def scope_node(item: pytest.Item, scope: str) -> Any:
+    """The node a container of ``scope`` is shared under, as pytest scopes fixtures.
+
+    A test outside a class has no class: pytest then scopes a class fixture
+    to the test itself, and so does a class-scoped container.  Without a
+    package, a package scope is the session's.
+    """
+    wanted: Any = {"class": pytest.Class, "module": pytest.Module, "package": pytest.Package}.get(scope)
+    if scope == "session":
+        return item.session
+    if wanted is None:
+        return item
+    node = item.getparent(wanted)
+    if node is None:
+        return item.session if scope == "package" else item
+    return node
+
+
+def setup_broader_fixtures(item: pytest.Item, scope: str = "function") -> None:
+    """Set up, before the fork, the collectors above the container's scope and the fixtures broader than it.
+
+    The container inherits them, so a session fixture used by many isolated
+    tests runs once, in the host process, and is torn down there when its
+    scope ends.  Everything of the container's scope and narrower is set up
+    inside, by pytest itself.  A session-wide container still leaves pytest's
+    and the plugins' session fixtures (``tmp_path_factory``...) here: only the
+    project's own run inside.  This mirrors ``SetupState.setup`` minus what
+    the container sets up.
     """
     state = _setupstate(item)
     needed = item.listchain()
+    top = scope_node(item, scope)
     for col, (_, exc) in state.stack.items():
         if col not in needed:  # pragma: no cover - the previous teardown makes this impossible
             raise RuntimeError(f"{col!r} was not torn down before {item.nodeid}")
@@ -161,7 +190,9 @@ def setup_broader_fixtures(item: pytest.Item) -> None:
             if isinstance(exc, tuple):
                 raise exc[0].with_traceback(exc[1])
             raise exc
-    for col in needed[len(state.stack) : -1]:
+    # The session is always ours: pytest's own session services need it active here.
+    outside = needed[: max(1, needed.index(top))]
+    for col in outside[len(state.stack) :]:
         state.stack[col] = ([col.teardown], None)
         try:
             col.setup()
@@ -172,21 +203,38 @@ def setup_broader_fixtures(item: pytest.Item) -> None:
     request = getattr(item, "_request", None)
     if fixtureinfo is None or not request:
         return
+    rank = _SCOPE_RANK[scope]
+    rootpath = item.config.rootpath
     # The item must look active while its broader fixtures are requested (pytest
     # treats a request for an inactive node as a teardown-time lookup), but it must
     # not stay on the stack: the child's own setup pushes it and fills the rest.
-    state.stack[item] = ([], None)
+    pushed = item not in state.stack
+    if pushed:
+        state.stack[item] = ([], None)
     try:
         for name in item.fixturenames:  # type: ignore[attr-defined]
             defs = fixtureinfo.name2fixturedefs.get(name)
             # pytest 8.0-8.1 bind a unittest class's xunit fixtures (setUpClass) to the TestCase
             # instance, which only the item's own setup makes: those are left to the child.
-            if defs and defs[-1].scope != "function" and not getattr(defs[-1], "unittest", False):
+            if not defs or getattr(defs[-1], "unittest", False):
+                continue
+            fixture_rank = _SCOPE_RANK.get(str(defs[-1].scope), 0)
+            if fixture_rank > rank or (fixture_rank == rank == 4 and _from_outside(defs[-1], rootpath)):
                 request.getfixturevalue(name)
     finally:
-        finalizers, _ = state.stack.pop(item)
-        for finalizer in reversed(finalizers):  # nothing broader registers here; be safe if something did
-            finalizer()
+        if pushed:
+            finalizers, _ = state.stack.pop(item)
+            for finalizer in reversed(finalizers):  # nothing broader registers here; be safe if something did
+                finalizer()
+
+
+def _from_outside(fixturedef: Any, rootpath: Path) -> bool:
+    """A fixture of pytest's or an installed plugin's, not of the project's conftests and test modules."""
+    try:
+        source = inspect.getsourcefile(fixturedef.func)
+    except TypeError:
+        return True
+    return source is None or not Path(source).resolve().is_relative_to(rootpath)
 
 
 def _stack_exc(exc: BaseException) -> Any:
@@ -228,16 +276,63 @@ def protocol_context(item: pytest.Item) -> object:
     return repr([(mark.args, mark.kwargs) for mark in item.iter_markers("filterwarnings")])
 
 
-def stop_teardown_at_item(item: pytest.Item) -> None:
-    """In the child, tear down only the item: broader scopes belong to the parent.
+def disown_inherited_setup(item: pytest.Item) -> None:
+    """In a container: what the parent set up is the parent's to tear down, never the container's.
 
-    Patched on this session's ``SetupState`` instance only, so a pytest
-    session started inside the test is unaffected.
+    The container inherits the parent's setup stack, finalizers included.
+    Emptied, the stack still says which collectors are set up, but tearing
+    them down here runs only what was set up here: the container's own
+    fixtures of every scope, module ones included for a module-wide container.
     """
     state = _setupstate(item)
-    teardown_exact = state.teardown_exact
-    parent_node = item.parent
-    state.teardown_exact = lambda nextitem: teardown_exact(parent_node)
+    for col, (_, exc) in list(state.stack.items()):
+        state.stack[col] = ([], exc)
+
+
+def bound_teardown(item: pytest.Item, keep: Any) -> None:
+    """In a container, tear down towards ``keep`` (the next test of the container, or None for all of it).
+
+    pytest decides what to tear down from the next test; inside, the next
+    test is the container's next, not the session's.  Patched on this
+    session's ``SetupState`` instance only, so a pytest session started inside
+    the test is unaffected.
+    """
+    state = _setupstate(item)
+    teardown_exact = getattr(state, "_lonely_teardown_exact", state.teardown_exact)
+    state._lonely_teardown_exact = teardown_exact
+    state.teardown_exact = lambda nextitem: teardown_exact(keep)
+
+
+def teardown_everything(session: pytest.Session) -> str | None:
+    """Tear down every scope set up in this process; what went wrong, in words, or None.
+
+    The unpatched ``teardown_exact``: :func:`bound_teardown` may have bound it.
+    """
+    state = session._setupstate
+    teardown_exact = getattr(state, "_lonely_teardown_exact", state.teardown_exact)
+    try:
+        teardown_exact(None)
+    except BaseException as exc:  # an exception group of every finalizer that raised
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+_catch_warnings_for_item = _lookup("_pytest.warnings", "catch_warnings_for_item")
+
+
+def item_warnings(item: pytest.Item, again: bool) -> contextlib.AbstractContextManager[None]:
+    """The test's ``filterwarnings`` marks and the configured filters, as pytest's warnings plugin applies them.
+
+    In-process they are applied around ``pytest_runtest_protocol``; a container
+    inherits them for the test it was forked for, but a container that runs
+    more tests must apply each later test's own (``again``).
+    """
+    if not again or _catch_warnings_for_item is None:
+        return contextlib.nullcontext()
+    manager: contextlib.AbstractContextManager[None] = _catch_warnings_for_item(
+        item.config, ihook=item.ihook, when="runtest", item=item
+    )
+    return manager
 
 
 def reset_request(item: pytest.Item) -> None:

@@ -80,30 +80,52 @@ class Forwarder:
             self.send(protocol.Kind.WARNING, wire.encode_warning(warning_message))
 
 
-def body_for(item: pytest.Item, container: Container, coverage: bool) -> Body:
-    """What PID 1 runs: the item's phases, streamed to the parent."""
+def _forwarder(config: pytest.Config) -> Forwarder:
+    pm = config.pluginmanager
+    forwarder = pm.get_plugin(Forwarder.NAME)
+    if not isinstance(forwarder, Forwarder):  # pragma: no cover - registered by pytest_configure
+        forwarder = Forwarder(config)
+        pm.register(forwarder, Forwarder.NAME)
+    return forwarder
+
+
+def _take_over(item: pytest.Item, container: Container, inside: Inside) -> Forwarder:
+    """The first order a container runs: from now on this process is a container, not a copy of pytest."""
+    pm = item.config.pluginmanager
+    forwarder = _forwarder(item.config)
+    forwarder.container = dataclasses.replace(container, host_pid=inside.host_pid)
+    forwarder.first_item = item
+    # Output goes to this container's own files from now on: nothing it prints after its test is over
+    # can land in the next test's captured output.
+    compat.redirect_capture(item.config, *inside.outputs)
+    compat.silence_hook(pm, "pytest_runtest_logreport", forwarder)
+    compat.silence_hook(pm, "pytest_warning_recorded", forwarder)
+    # What the parent set up is torn down by the parent; what is set up here, here.
+    compat.disown_inherited_setup(item)
+    return forwarder
+
+
+def body_for(item: pytest.Item, container: Container, coverage: bool, keep: Any = None) -> Body:
+    """What PID 1 runs for one test: its phases, streamed to the parent.
+
+    ``keep``: the next test this container runs (what it shares with this one
+    stays set up), the test itself for a rerun, or None: this is the
+    container's last test, and everything set up in it is torn down.
+    """
 
     def body(inside: Inside) -> None:
         send = inside.send
-        pm = item.config.pluginmanager
-        forwarder = pm.get_plugin(Forwarder.NAME)
-        if not isinstance(forwarder, Forwarder):  # pragma: no cover - registered by pytest_configure
-            forwarder = Forwarder(item.config)
-            pm.register(forwarder, Forwarder.NAME)
-        forwarder.container = dataclasses.replace(container, host_pid=inside.host_pid)
-        forwarder.first_item = item
+        forwarder = _forwarder(item.config)
+        first = forwarder.container is None
+        if first:
+            forwarder = _take_over(item, container, inside)
         forwarder.send = send
-        # Output goes to this container's own files from now on: nothing it prints after its test is over
-        # can land in the next test's captured output.
-        compat.redirect_capture(item.config, *inside.outputs)
-        compat.silence_hook(pm, "pytest_runtest_logreport", forwarder)
-        compat.silence_hook(pm, "pytest_warning_recorded", forwarder)
-        compat.stop_teardown_at_item(item)
-        with warnings.catch_warnings(record=True) as recorded:  # what pytest's own catch does not see
+        compat.bound_teardown(item, keep)
+        with compat.item_warnings(item, again=not first), warnings.catch_warnings(record=True) as recorded:
             for note in inside.notes:
                 warnings.warn(LonelyWarning(note), stacklevel=1)
             try:
-                compat.runtestprotocol(item, nextitem=None)
+                compat.runtestprotocol(item, nextitem=keep if isinstance(keep, pytest.Item) else None)
             except pytest.exit.Exception as exc:
                 send(protocol.Kind.EXIT, (str(exc.msg), exc.returncode))
             except KeyboardInterrupt:
@@ -112,27 +134,67 @@ def body_for(item: pytest.Item, container: Container, coverage: bool) -> Body:
                 for w in recorded:
                     send(protocol.Kind.WARNING, wire.encode_warning(w))
         if coverage and not send.finished:
-            payload = wire.encode_coverage()
-            if payload is not None:
-                send(protocol.Kind.COVERAGE, payload)
+            _send_coverage(send, again=keep is not None)
 
     return body
 
 
-def body_from_order(session: pytest.Session, order: tuple[int, str, tuple[Any, ...], bool]) -> Body:
-    """In a zygote's container: the body for the test the parent named, as :func:`body_for` would make it.
+def finish_body(session: pytest.Session, coverage: bool) -> Body:
+    """The session stopped early: tear down what this container set up, then end."""
 
-    The zygote is a copy of the parent taken at an earlier test, with the
-    same broader fixtures and setup stack (the parent's key says so); the
-    item is found by its index in the session's items, which collection
-    fixed before any test ran.
+    def body(inside: Inside) -> None:
+        send = inside.send
+        with warnings.catch_warnings(record=True) as recorded:
+            failure = compat.teardown_everything(session)
+        if failure is not None:
+            message = f"the container's fixtures raised while it was torn down at the end: {failure}"
+            send(protocol.Kind.WARNING, wire.encode_warning(_warning(LonelyWarning(message))))
+        for w in recorded:
+            send(protocol.Kind.WARNING, wire.encode_warning(w))
+        if coverage:
+            _send_coverage(send, again=False)
+
+    return body
+
+
+def _warning(message: Warning) -> warnings.WarningMessage:
+    return warnings.WarningMessage(message, type(message), "pytest-lonely", 0)
+
+
+def _send_coverage(send: protocol.Sender, again: bool) -> None:
+    """Lines measured so far; in a container that runs more tests, measuring goes on afterwards."""
+    payload = wire.encode_coverage(again=again)
+    if payload is not None:
+        send(protocol.Kind.COVERAGE, payload)
+
+
+def body_from_order(session: pytest.Session, order: Any) -> Body:
+    """The body for the work the parent named (see :func:`wire.encode_order`).
+
+    The container is a copy of the parent taken at this test or at an earlier
+    one (a zygote), with the same broader fixtures and setup stack (the
+    parent's key says so); tests are found by their index in the session's
+    items, which collection fixed before any test ran.
     """
-    index, nodeid, container, coverage = order
-    item = session.items[index] if 0 <= index < len(session.items) else None
-    if item is None or item.nodeid != nodeid:
-        raise RuntimeError(f"the zygote has no test {nodeid!r} at index {index}")
+    decoded = wire.decode_order(order)
+    if decoded is None:
+        return finish_body(session, wire.order_coverage(order))
+    index, nodeid, container, coverage, keep = decoded
+    item = _item(session, index, nodeid)
     compat.reset_request(item)
-    return body_for(item, wire.decode_container(container), coverage)
+    keep_node: Any = None
+    if keep == wire.KEEP_RERUN:
+        keep_node = item.parent
+    elif keep >= 0:
+        keep_node = _item(session, keep, None)
+    return body_for(item, container, coverage, keep_node)
+
+
+def _item(session: pytest.Session, index: int, nodeid: str | None) -> pytest.Item:
+    item = session.items[index] if 0 <= index < len(session.items) else None
+    if item is None or (nodeid is not None and item.nodeid != nodeid):
+        raise RuntimeError(f"this copy of pytest has no test {nodeid!r} at index {index}")
+    return item
 
 
 def _check_properties(rep: pytest.TestReport) -> None:

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Final
 
 import pytest
 
 from . import _pytest_compat as compat
-from . import child, hookspecs, settings
+from . import child, groups, hookspecs, preflight, settings
 from .container import Container
 from .errors import LonelyWarning
-from .runner import IsolatedRun
+from .runner import IsolatedRun, close_group
 from .sandbox import archive, image, namespaces
 from .session import SESSION_KEY, Session, engine_tuning
-
-FIXTURE: Final = "container"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -92,6 +89,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(SESSION_KEY, None)
     if state is None:
         return
+    close_group(state, finish=True)
     state.reap()  # no container outlives the session
     for plugin, nodeids in state.lost_results.items():
         shown = ", ".join(nodeids[:5]) + (f" and {len(nodeids) - 5} more" if len(nodeids) > 5 else "")
@@ -166,16 +164,6 @@ def _describe_root(state: Session) -> str:
     return f"image {configured} ({digest}, {took}; its Env applies, User and WorkingDir are ignored)"
 
 
-def is_isolated(item: pytest.Item) -> bool:
-    """Marked, asking for the ``container`` fixture, or everything under ``--lonely-all``."""
-    state = item.config.stash[SESSION_KEY]
-    return (
-        state.options.all
-        or item.get_closest_marker(settings.MARKER) is not None
-        or FIXTURE in getattr(item, "fixturenames", ())
-    )
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     child.setup_container_hook(item)  # a no-op outside a container
@@ -210,13 +198,14 @@ def container(request: pytest.FixtureRequest) -> Container:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
     state = item.config.stash[SESSION_KEY]
-    isolated = is_isolated(item)
-    if isolated and compat.skip_reason(item) is not None:
+    isolated = preflight.is_isolated(item)
+    if isolated and not groups.shared(item) and compat.skip_reason(item) is not None:
         return None  # pytest skips it in-process before any of its code runs: nothing to isolate or reap
     if not isolated:
         # A test that runs in-process must see only its own children: reap finished containers first.
         # It may change anything in this process, so no zygote forked before it is a copy of it.
         state.generation += 1
+        close_group(state, finish=True)
         state.reap()
         return None
     ihook = item.ihook
@@ -229,6 +218,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         if not run.rerunning:
             break
     if nextitem is None:
+        close_group(state, finish=True)
         state.reap()  # the last test: no container may outlive it, whoever looks at sessionfinish
     return True
 

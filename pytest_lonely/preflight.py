@@ -22,6 +22,8 @@ from .sandbox.spec import ContainerSpec
 from .session import SESSION_KEY, Root, Session
 from .settings import MARKER, SettingError, Spec
 
+#: Asking for it isolates a test.
+CONTAINER_FIXTURE: Final = "container"
 #: Fixtures that hand out directories under the session's basetemp.
 _TMP_FIXTURES: Final = ("tmp_path", "tmpdir", "tmp_path_factory", "tmpdir_factory")
 
@@ -41,6 +43,16 @@ class Refused:
 
     message: str
     skip: bool = False
+
+
+def is_isolated(item: pytest.Item) -> bool:
+    """Marked, asking for the ``container`` fixture, or everything under ``--lonely-all``."""
+    state = item.config.stash[SESSION_KEY]
+    return (
+        state.options.all
+        or item.get_closest_marker(MARKER) is not None
+        or CONTAINER_FIXTURE in getattr(item, "fixturenames", ())
+    )
 
 
 def spec_for(item: pytest.Item, defaults: Spec) -> Spec:
@@ -72,9 +84,9 @@ def prepare(item: pytest.Item) -> Ready | Refused:
     except (archive.ArchiveError, image.ImageError) as exc:
         return Refused(f"rootfs={str(spec.rootfs)!r} from {spec.origin('rootfs')}: {exc}")
     fixturenames = getattr(item, "fixturenames", ())
-    key, plan = state.plan(
-        None if root is None else root.path, spec.network, tmp=any(name in fixturenames for name in _TMP_FIXTURES)
-    )
+    # A container shared by several tests binds the basetemp whatever its first test asks for.
+    tmp = spec.scope != "function" or any(name in fixturenames for name in _TMP_FIXTURES)
+    key, plan = state.plan(None if root is None else root.path, spec.network, tmp=tmp)
     cid = os.urandom(6).hex()
     while cid.isdigit():  # the default hostname: glibc's gethostbyname() reads a name of digits as an address
         cid = os.urandom(6).hex()

@@ -14,13 +14,13 @@ import dataclasses
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import pytest
 
 from . import _pytest_compat as compat
-from . import child, preflight, wire
+from . import child, groups, preflight, wire
 from .reports import Phase, Reporter
 from .sandbox import protocol
 from .sandbox.box import Outcome
@@ -65,8 +65,10 @@ class IsolatedRun:
             self.reporter.log(self.reporter.fail("setup", ready.message, skip=ready.skip))
             self.teardown()
             return
-
-        setup = self.in_parent("setup", lambda: compat.setup_broader_fixtures(item))
+        index = self.state.item_index(item)
+        key = groups.key_of(item, ready, index)
+        scope = ready.spec.scope if key is not None else "function"
+        setup = self.in_parent("setup", lambda: compat.setup_broader_fixtures(item, scope))
         if setup.excinfo is not None:
             report = self.reporter.make(setup)
             self.reporter.log(report)
@@ -75,39 +77,93 @@ class IsolatedRun:
             self.teardown()
             return
 
-        hook = self.config.hook.pytest_lonely_container_finished
         coverage = "coverage" in sys.modules
-        work, order = self._work(ready, coverage)
+        group = self._group(ready, key, index, coverage)
+        keep = self._keep(group)
+        if index is None:
+            order: Any = wire.encode_order(-1, item.nodeid, group.container, coverage, wire.KEEP_NONE)
+        else:
+            order = wire.encode_order(index, item.nodeid, group.container, coverage, keep)
         self._resume_capture()
         try:
-            outcome = self.state.engine().run(
-                ready.engine_spec,
-                work,
-                order,
-                self.on_frame,
-                need_status=bool(hook.get_hookimpls()),
-                terminal=self._terminal(),
+            outcome = group.box.run(
+                group.tail(ready.spec.timeout), order, ready.spec.timeout, self.on_frame, self._terminal()
             )
         except (Exception, pytest.fail.Exception) as exc:  # raised in the parent while waiting: pytest-timeout
             outcome = Outcome(
                 "aborted",
                 payload=str(exc) if isinstance(exc, pytest.fail.Exception) else f"{type(exc).__name__}: {exc}",
             )
+        except BaseException:
+            self._end(group, None)  # Ctrl-C in pytest: the container was killed, and nothing more runs
+            raise
         finally:
             self._suspend_capture()
-        if outcome.usage is not None:
-            self.state.usage[item.nodeid] = outcome.usage
+        group.orders += 1
+        group.last = item
+        ended = outcome.ended or keep == wire.KEEP_NONE
+        if ended:
+            self._end(group, outcome)
         if outcome.kind == "interrupt" and isinstance(outcome.payload, str):
             self._show_interrupted(outcome.payload)
         self.reporter.conclude(outcome, ready.spec.timeout, ready.spec.memory, self.capture)
         preflight.note_lost_example(item, any(r.failed for r in self.reporter.seen.values()), self.state)
         self.teardown()
         compat.release_request(item)
-        hook(
-            item=item,
-            container=dataclasses.replace(ready.container, host_pid=outcome.host_pid),
+        if ended:
+            self._finished(group, outcome)
+
+    def _group(self, ready: preflight.Ready, key: Hashable | None, index: int | None, coverage: bool) -> groups.Group:
+        """The container this test runs in: its group's, if that is alive, else a new one."""
+        group: groups.Group | None = self.state.group
+        if group is not None and (key is None or group.key != key or not group.alive):
+            close_group(self.state, finish=True)
+            group = None
+        if group is not None:
+            return group
+        box = self.state.engine().launch(ready.engine_spec, self._work(index, ready, coverage))
+        group = groups.Group(
+            key=key,
+            box=box,
+            container=ready.container,
+            spec=ready.engine_spec,
+            first=self.item,
+            last=self.item,
+            name=groups.name_of(self.item, ready),
+        )
+        if key is not None:
+            self.state.group = group
+        return group
+
+    def _keep(self, group: groups.Group) -> int:
+        """What the container keeps set up after this test: the next test's scopes, or nothing."""
+        if group.key is None:
+            return wire.KEEP_NONE
+        if self.nextitem is self.item:
+            return wire.KEEP_RERUN
+        if not groups.joins(self.nextitem, group.key) or self.nextitem is None:
+            return wire.KEEP_NONE
+        index = self.state.item_index(self.nextitem)
+        return wire.KEEP_NONE if index is None else index
+
+    def _end(self, group: groups.Group, outcome: Outcome | None) -> None:
+        """The container's work is over: whatever is left of it goes; its status is read if it says something."""
+        if self.state.group is group:
+            self.state.group = None
+        group.alive = False
+        self.state.engine().end(group.box, outcome, need_status=self._need_status())
+        if outcome is not None and outcome.usage is not None:
+            self.state.usage[group.name] = outcome.usage
+
+    def _finished(self, group: groups.Group, outcome: Outcome) -> None:
+        self.config.hook.pytest_lonely_container_finished(
+            item=group.last,
+            container=dataclasses.replace(group.container, host_pid=outcome.host_pid),
             exitstatus=outcome.exitstatus,
         )
+
+    def _need_status(self) -> bool:
+        return bool(self.config.hook.pytest_lonely_container_finished.get_hookimpls())
 
     def _terminal(self) -> int:
         """The terminal to lend the container: with ``-s`` a debugger inside reads it, as in-process.
@@ -125,8 +181,8 @@ class IsolatedRun:
             pass
         return -1
 
-    def _work(self, ready: preflight.Ready, coverage: bool) -> tuple[Work, Any]:
-        """What the container runs: the item, found by its index in the session's items.
+    def _work(self, index: int | None, ready: preflight.Ready, coverage: bool) -> Work:
+        """How the container turns orders into bodies: it finds each test by its index in the session's items.
 
         A container forked straight from this process could use the item
         itself; one from a zygote (a copy of this process taken at an earlier
@@ -136,15 +192,16 @@ class IsolatedRun:
         so is every test when a container-finished hook may change our state.
         """
         item = self.item
-        index = self.state.item_index(item)
-        order = (-1 if index is None else index, item.nodeid, wire.encode_container(ready.container), coverage)
+        if index is None:
+            body = child.body_for(item, ready.container, coverage)
+            return Work(factory=lambda _order: body)
+        factory = functools.partial(child.body_from_order, item.session)
         # pytest_lonely_container_finished runs here after every container and may change what the next one
         # must see (a conftest keeps a list): a zygote's copy of this process would not have it.
-        if index is None or self.config.hook.pytest_lonely_container_finished.get_hookimpls():
-            body = child.body_for(item, ready.container, coverage)
-            return Work(factory=lambda _order: body), order
+        if self._need_status():
+            return Work(factory=factory)
         key = (self.state.generation, compat.setup_stack_key(item), compat.protocol_context(item))
-        return Work(factory=functools.partial(child.body_from_order, item.session), key=key), order
+        return Work(factory=factory, key=key)
 
     def on_frame(self, kind: protocol.Kind, payload: Any) -> None:
         """The one dispatcher of the adapter's frames; a kind without a handler is a bug, said loudly."""
@@ -207,8 +264,35 @@ class IsolatedRun:
     def teardown(self) -> None:
         """Tear down, in the parent, what the next test does not share, and log the teardown report."""
         item = self.item
-        nextitem = None if item.session.shouldfail or item.session.shouldstop else self.nextitem
+        stopping = bool(item.session.shouldfail or item.session.shouldstop)
+        nextitem = None if stopping else self.nextitem
+        if stopping and self.state.group is not None:
+            close_group(self.state, finish=True)  # its next test will not come
         call = self.in_parent("teardown", lambda: compat.teardown_towards(item, nextitem))
         report = self.reporter.teardown(call)
         if compat.check_interactive_exception(call, report):
             item.ihook.pytest_exception_interact(node=item, call=call, report=report)
+
+
+def close_group(state: Any, finish: bool) -> None:
+    """End the session's shared container, if one is alive; ``finish``: it tears down its fixtures first."""
+    group: groups.Group | None = state.group
+    if group is None:
+        return
+    state.group = None
+    group.alive = False
+    outcome = None
+    try:
+        if finish:
+            outcome = groups.finish(group, "coverage" in sys.modules)
+    finally:
+        need_status = bool(group.first.config.hook.pytest_lonely_container_finished.get_hookimpls())
+        state.engine().end(group.box, outcome, need_status=need_status)
+    if outcome is not None:
+        if outcome.usage is not None:
+            state.usage[group.name] = outcome.usage
+        group.first.config.hook.pytest_lonely_container_finished(
+            item=group.last,
+            container=dataclasses.replace(group.container, host_pid=outcome.host_pid),
+            exitstatus=outcome.exitstatus,
+        )

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 
@@ -59,6 +59,8 @@ class Session:
     #: Bumped whenever the parent sets up or finishes a fixture or runs a test itself: a zygote forked
     #: before that is no faithful copy of the parent any more.
     generation: int = 0
+    #: The container shared by the tests of a class, module, package or the session, while it serves them.
+    group: Any = None
     _item_index: dict[int, int] | None = None
 
     def item_index(self, item: pytest.Item) -> int | None:

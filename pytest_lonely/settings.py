@@ -213,6 +213,19 @@ def _flag(value: object, source: Source) -> bool:
     raise SettingError("allowed are true or false")
 
 
+#: What one container may serve, narrowest first: pytest's fixture scopes.
+SCOPES: Final = ("function", "class", "module", "package", "session")
+
+
+def _scope(value: object, source: Source) -> str:
+    if source.kind == "marker" and not isinstance(value, str):
+        raise SettingError(f"must be a string, got {type(value).__name__}; allowed are {', '.join(SCOPES)}")
+    text = str(value).strip().lower()
+    if text not in SCOPES:
+        raise SettingError(f"allowed are {', '.join(SCOPES)}")
+    return text
+
+
 def _choice(*allowed: str) -> Parse:
     def parse(value: object, source: Source) -> str:
         text = str(value).strip().lower()
@@ -300,6 +313,17 @@ class Spec:
         "the test can change the host's kernel settings, devices, network and clock; only file writes stay "
         "in the overlay (default: false)",
     )
+    scope: str = setting(
+        "function",
+        parse=_scope,
+        cli="--lonely-scope",
+        ini="lonely_scope",
+        metavar="|".join(SCOPES),
+        marker='scope="function"',
+        help="how many tests share one container: consecutive isolated tests of the same class, module, "
+        "package or the session, with the same container keywords, run one after another in one container, "
+        "where the fixtures of that scope live too (default: function, a container per test)",
+    )
     #: Where each non-default value came from, for errors found later (a corrupt tarball).
     origins: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -309,6 +333,10 @@ class Spec:
     @property
     def limits(self) -> Limits:
         return Limits(memory=self.memory, pids=self.pids, cpus=self.cpus)
+
+    def container_keywords(self) -> tuple[Any, ...]:
+        """What must be equal for two tests to share a container (the timeout is each test's own)."""
+        return (self.rootfs, self.hostname, self.network, self.memory, self.pids, self.cpus, self.privileged)
 
     def with_marker(self, args: tuple[object, ...], kwargs: Mapping[str, object], where: str, rootdir: Path) -> Spec:
         """Apply one ``isolated`` marker on top of these settings."""

@@ -198,18 +198,22 @@ def _known_warning_class(module: str, qualname: str) -> type[Warning]:
 # --- coverage --------------------------------------------------------------------------------------
 
 
-def encode_coverage() -> tuple[str, dict[str, list[Any]]] | None:
-    """The lines measured in the child, which ``os._exit`` would otherwise lose."""
+def encode_coverage(again: bool = False) -> tuple[str, dict[str, list[Any]]] | None:
+    """The lines measured in the child, which ``os._exit`` would otherwise lose; ``again``: measure on."""
     coverage = sys.modules.get("coverage")
     cov = coverage.Coverage.current() if coverage is not None else None
     if cov is None:
         return None
     cov.stop()
-    data = cov.get_data()
-    files = data.measured_files()
-    if data.has_arcs():
-        return ("arcs", {f: list(data.arcs(f) or ()) for f in files})
-    return ("lines", {f: list(data.lines(f) or ()) for f in files})
+    try:
+        data = cov.get_data()
+        files = data.measured_files()
+        if data.has_arcs():
+            return ("arcs", {f: list(data.arcs(f) or ()) for f in files})
+        return ("lines", {f: list(data.lines(f) or ()) for f in files})
+    finally:
+        if again:
+            cov.start()
 
 
 def decode_coverage(payload: Any) -> None:
@@ -240,6 +244,35 @@ def decode_coverage(payload: Any) -> None:
         data.add_arcs(merged)
     else:
         data.add_lines(merged)
+
+
+# --- the order a container is handed: which test, and what to keep set up after it ----------------
+
+#: ``keep`` of an order: the container's last test (tear everything down), or a rerun (keep all but the test).
+KEEP_NONE: Final = -1
+KEEP_RERUN: Final = -2
+
+
+def encode_order(index: int, nodeid: str, container: Container, coverage: bool, keep: int) -> list[Any]:
+    """One test for a container: the item by its index, what the container is, and ``keep`` (an index or above)."""
+    return ["test", index, nodeid, encode_container(container), coverage, keep]
+
+
+def encode_finish(coverage: bool) -> list[Any]:
+    """No more tests for a container: it tears down what it set up."""
+    return ["finish", coverage]
+
+
+def decode_order(order: Any) -> tuple[int, str, Container, bool, int] | None:
+    """A test's order, or None for "finish".  Orders come from the parent: a mistake here is ours."""
+    if order[0] == "finish":
+        return None
+    _, index, nodeid, container, coverage, keep = order
+    return int(index), str(nodeid), decode_container(container), bool(coverage), int(keep)
+
+
+def order_coverage(order: Any) -> bool:
+    return bool(order[-1]) if order[0] == "finish" else bool(order[4])
 
 
 # --- the container description a container is handed with its order ----------------------------
