@@ -228,6 +228,20 @@ def setup_broader_fixtures(item: pytest.Item, scope: str = "function") -> None:
                 finalizer()
 
 
+def fixtures_inside(item: pytest.Item, scope: str) -> list[str]:
+    """The fixtures of ``item`` a container of ``scope`` sets up for more than one test (its scope's, and between)."""
+    fixtureinfo = getattr(item, "_fixtureinfo", None)
+    if fixtureinfo is None:
+        return []
+    rank = _SCOPE_RANK[scope]
+    names = []
+    for name in getattr(item, "fixturenames", ()):
+        defs = fixtureinfo.name2fixturedefs.get(name)
+        if defs and 0 < _SCOPE_RANK.get(str(defs[-1].scope), 0) <= rank:
+            names.append(name)
+    return names
+
+
 def _from_outside(fixturedef: Any, rootpath: Path) -> bool:
     """A fixture of pytest's or an installed plugin's, not of the project's conftests and test modules."""
     try:

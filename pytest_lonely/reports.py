@@ -144,6 +144,8 @@ class Reporter:
         elif outcome.kind == "timeout":
             unit = "second" if timeout == 1 else "seconds"
             message = f"Timeout: the test timed out after {timeout:g} {unit}; its whole container was killed"
+            if outcome.payload:
+                message += f"; {outcome.payload}"
         elif outcome.oom_killed and memory is not None:
             message = f"container killed by the kernel's OOM killer: memory limit {format_bytes(memory)} reached"
         else:

@@ -104,6 +104,14 @@ class IsolatedRun:
         ended = outcome.ended or keep == wire.KEEP_NONE
         if ended:
             self._end(group, outcome)
+        if outcome.kind in ("crashed", "timeout", "refused", "aborted") and group.key is not None:
+            left = compat.fixtures_inside(item, scope)
+            if left:
+                note = (
+                    f"the container's {scope} fixtures were not torn down: {', '.join(left)}; the rest of its "
+                    "tests run in a fresh container, where they are set up again"
+                )
+                outcome.payload = f"{outcome.payload}; {note}" if outcome.payload else note
         if outcome.kind == "interrupt" and isinstance(outcome.payload, str):
             self._show_interrupted(outcome.payload)
         self.reporter.conclude(outcome, ready.spec.timeout, ready.spec.memory, self.capture)
