@@ -214,17 +214,21 @@ class Box:
                 if self._reader.pending:
                     outcome.payload = f"the container died in the middle of a {self._reader.pending}-byte message"
                 return
+            reader = self._reader
             try:
-                frames = self._reader.feed(data)
+                frames = reader.feed(data)
                 for index, (kind, payload) in enumerate(frames):
                     terminal = _TERMINAL_KINDS.get(kind)
                     if terminal is None:
                         on_frame(kind, payload)
                         continue
-                    if kind is not protocol.Kind.ERROR and (index + 1 < len(frames) or self._reader.pending):
+                    late = index + 1 < len(frames) or reader.pending or reader.error
+                    if kind is not protocol.Kind.ERROR and late:
                         raise protocol.ProtocolError(f"more frames after a {kind.value!r} frame")
                     outcome.kind, outcome.payload = terminal, payload
                     return
+                if reader.error is not None:
+                    raise reader.error
             except protocol.ProtocolError as exc:
                 outcome.kind, outcome.payload = "refused", str(exc)
                 return

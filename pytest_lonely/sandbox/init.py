@@ -236,6 +236,8 @@ def _await_go(fd: int) -> tuple[Any, Any] | None:
         if not data:
             return None
         frames = reader.feed(data)
+        if reader.error is not None:
+            raise reader.error
         if frames:
             _, (tail, order) = frames[0]
             return tail, order

@@ -156,29 +156,39 @@ class FrameReader:
     never send GO, and the container's side accepts only GO.
     """
 
-    __slots__ = ("_allowed", "_buf")
+    __slots__ = ("_allowed", "_buf", "error")
 
     def __init__(self, allowed: frozenset[Kind] = FROM_CONTAINER) -> None:
         self._buf = bytearray()
         self._allowed = allowed
+        #: What was wrong with the stream, once something was: nothing after it is read.
+        self.error: ProtocolError | None = None
 
     def feed(self, data: bytes) -> list[tuple[Kind, Any]]:
+        """The whole frames so far.  At the first bad one, the frames before it and :attr:`error` set."""
+        if self.error is not None:
+            return []
         self._buf += data
         frames: list[tuple[Kind, Any]] = []
         buf = self._buf
         pos = 0
-        while len(buf) - pos >= HEADER.size:
-            (length,) = HEADER.unpack_from(buf, pos)
-            if length > MAX_FRAME:
-                raise ProtocolError(f"a frame of {length} bytes exceeds the limit of {MAX_FRAME} bytes")
-            end = pos + HEADER.size + length
-            if len(buf) < end:
-                break
-            kind, payload = decode(bytes(buf[pos + HEADER.size : end]))
-            if kind not in self._allowed:
-                raise ProtocolError(f"a {kind.value!r} frame, which only goes the other way")
-            frames.append((kind, payload))
-            pos = end
+        try:
+            while len(buf) - pos >= HEADER.size:
+                (length,) = HEADER.unpack_from(buf, pos)
+                if length > MAX_FRAME:
+                    raise ProtocolError(f"a frame of {length} bytes exceeds the limit of {MAX_FRAME} bytes")
+                end = pos + HEADER.size + length
+                if len(buf) < end:
+                    break
+                kind, payload = decode(bytes(buf[pos + HEADER.size : end]))
+                if kind not in self._allowed:
+                    raise ProtocolError(f"a {kind.value!r} frame, which only goes the other way")
+                frames.append((kind, payload))
+                pos = end
+        except ProtocolError as exc:
+            self.error = exc
+            buf.clear()
+            return frames
         if pos:
             del buf[:pos]
         return frames

@@ -1,0 +1,507 @@
+"""A container is untrusted input: hostile tests, run for real, change nothing outside their own reports.
+
+Each test here runs an inner session whose isolated tests attack what lies
+around their container: the report pipe, pytest's process group, the
+session's other tests, the kernel objects containers could share, and the
+machinery that ends containers.  Every case must end with the host
+untouched, the victim alive, the attacker failed with a message that says
+what it tried, the other tests' outcomes and output as without it, and
+pytest's exit code right.  Each runs with containers from the zygote and
+forked straight from pytest (``PYTEST_LONELY_PREBUILD=0``); the rootless
+variants are in ``test_hostile_rootless``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="root mode; the rootless variants run as uid 65534")
+
+MODES = {"zygote": "1", "direct": "0"}
+
+#: What a hostile test uses to speak on the container's report pipe, as a test could.
+HOSTILE_CONFTEST = '''
+import fcntl, json, os, stat, struct
+
+
+def report_pipe():
+    """The container's report pipe: the newest write-only pipe this process holds."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            st = os.fstat(fd)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except OSError:
+            continue
+        if fd > 2 and stat.S_ISFIFO(st.st_mode) and flags & os.O_ACCMODE == os.O_WRONLY:
+            found.append(fd)
+    assert found, "no report pipe"
+    return max(found)
+
+
+def frame(kind, payload):
+    body = json.dumps([kind, payload]).encode()
+    return struct.pack("<I", len(body)) + body
+
+
+def say(kind, payload=None):
+    os.write(report_pipe(), frame(kind, payload))
+
+
+def linger():
+    """Undo what a container promises from the inside: PDEATHSIG, the process group."""
+    import ctypes
+    ctypes.CDLL(None).prctl(1, 0)  # PR_SET_PDEATHSIG, 0
+    with contextlib.suppress(OSError):
+        os.setsid()
+
+import contextlib
+'''
+
+
+def inner(pytester: pytest.Pytester, mode: str, *args: str, timeout: float = 120) -> pytest.RunResult:
+    """An inner session in ``mode``; its output goes to files (so the report pipe is the only pipe held)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTEST_LONELY_PREBUILD", MODES[mode])
+        return pytester.runpytest_subprocess(
+            "-p", "lonely", "-p", "no:cacheprovider", "-p", "no:randomly", "-rA", *args, timeout=timeout
+        )
+
+
+def junit(path: Path) -> dict[str, list[str]]:
+    """Each test case's outcome elements, in the order junitxml wrote them (a test twice shows twice)."""
+    cases: dict[str, list[str]] = {}
+    for case in ET.parse(path).iter("testcase"):
+        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")] or ["passed"]
+        cases.setdefault(case.get("name", ""), []).extend(kinds)
+    return cases
+
+
+@contextlib.contextmanager
+def victim() -> Iterator[subprocess.Popen[bytes]]:
+    """A host process in a process group of its own, which no test may kill; checked alive, then ended."""
+    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        yield proc
+        assert proc.poll() is None, f"pytest killed the host process {proc.pid}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def in_pid_namespace(inode: int) -> list[int]:
+    """Every process whose PID namespace is ``inode``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}/ns/pid").st_ino == inode:
+                    found.append(int(entry))
+    return found
+
+
+# --- 1. a PID from the wire reaches no kill() --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_pid_a_container_names_is_never_killed(pytester: pytest.Pytester, mode: str) -> None:
+    """0.1.0 SIGKILLed the host PID a HELLO frame named, on a timeout; a negative one, a whole process group."""
+    with victim() as proc:
+        pytester.makeconftest(HOSTILE_CONFTEST)
+        pytester.makepyfile(
+            test_forge=f"""
+            import time, pytest
+            from conftest import say
+
+            @pytest.mark.isolated(timeout=2)
+            @pytest.mark.parametrize("target", [{proc.pid}, -{proc.pid}])
+            def test_names_a_victim(target):
+                say("hello", {{"host_pid": target}})
+                time.sleep(10)
+            """
+        )
+        result = inner(pytester, mode)
+        result.assert_outcomes(failed=2)
+        assert result.stdout.str().count("unknown frame kind 'hello'") >= 2, result.stdout.str()
+
+
+# --- 2. nothing outlives pytest ----------------------------------------------------------------------------------------
+
+LINGERING = """
+import os, subprocess, time, pytest
+from conftest import linger
+
+@pytest.mark.isolated
+def test_first():
+    pass
+
+@pytest.mark.isolated
+def test_lingers(tmp_path_factory):
+    linger()
+    subprocess.Popen(["setsid", "sh", "-c", "sleep 987.{tag} & sleep 987.{tag}"])
+    handshake = tmp_path_factory.getbasetemp() / "handshake"  # the basetemp is the container's window
+    with open(f"{{handshake}}.tmp", "w") as f:
+        f.write(str(os.stat("/proc/self/ns/pid").st_ino))
+    os.rename(f"{{handshake}}.tmp", handshake)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_container_outlives_a_killed_pytest(pytester: pytest.Pytester, mode: str) -> None:
+    """SIGKILL to pytest runs no code of its: a test that cleared PDEATHSIG and left its group still dies."""
+    tag = f"{os.getpid()}{mode == 'zygote':d}"
+    basetemp = pytester.path / "basetemp"  # inside, the session's basetemp is the one writable host path
+    handshake = basetemp / "handshake"
+    pytester.makeconftest(HOSTILE_CONFTEST)
+    pytester.makepyfile(test_linger=LINGERING.format(tag=tag))
+    env = {**os.environ, "PYTEST_LONELY_PREBUILD": MODES[mode]}
+    cmd = [sys.executable, "-m", "pytest", "-p", "lonely", "-p", "no:cacheprovider", f"--basetemp={basetemp}"]
+    with open(pytester.path / "out.txt", "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=pytester.path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    inode = 0
+    try:
+        deadline = time.monotonic() + 60
+        while not handshake.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handshake.exists(), (pytester.path / "out.txt").read_text()
+        inode = int(handshake.read_text())
+        assert len(in_pid_namespace(inode)) >= 3  # PID 1 and its two sleeps
+        proc.kill()
+        proc.wait()
+        killed = time.monotonic()
+        while in_pid_namespace(inode) and time.monotonic() - killed < 30:  # a hang guard; the keeper needs ms
+            time.sleep(0.02)
+        survivors = in_pid_namespace(inode)
+        assert not survivors, f"processes of the container outlived pytest: {survivors}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in in_pid_namespace(inode) if inode else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# --- 3. a container's work is over when it says so --------------------------------------------------------------------
+
+DONE_EARLY = """
+import os, sys, time, pytest
+from conftest import linger, say
+
+@pytest.mark.isolated
+def test_warm_up():
+    pass
+
+@pytest.mark.isolated
+def test_says_done_and_goes_on():
+    linger()
+    say("done")
+    for _ in range(100):
+        print("GARBAGE from a test that said it was done", flush=True)
+        os.write(2, b"GARBAGE on stderr\\n")
+        time.sleep(0.01)
+    assert False
+
+@pytest.mark.isolated
+def test_victim():
+    time.sleep(0.3)
+    print("VICTIM-OUTPUT")
+    assert False, "the victim fails, to show its output"
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_done_ends_the_container_and_no_other_test_hears_it(pytester: pytest.Pytester, mode: str) -> None:
+    pytester.makeconftest(HOSTILE_CONFTEST)
+    pytester.makepyfile(test_done=DONE_EARLY)
+    result = inner(pytester, mode, "--junitxml=junit.xml")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.assert_outcomes(passed=1, failed=2)
+    out = result.stdout.str()
+    assert "GARBAGE" not in out + result.stderr.str()
+    assert "it said it was done after a passed setup but no call report" in out
+    victim_section = out.split("_ test_victim _", 1)[1]
+    assert "Captured stdout call" in victim_section
+    captured = victim_section.split("Captured stdout call", 1)[1].split("\n", 2)[1]
+    assert captured == "VICTIM-OUTPUT", victim_section
+    assert junit(pytester.path / "junit.xml") == {
+        "test_warm_up": ["passed"],
+        "test_says_done_and_goes_on": ["failure"],
+        "test_victim": ["failure"],
+    }
+
+
+# --- 4. reports: only the container's own, in pytest's order ----------------------------------------------------------
+
+FORGERIES = """
+import pytest
+from conftest import say
+
+REPORT = {{
+    "nodeid": "test_forge.py::test_victim", "location": ["test_forge.py", 0, "test_victim"], "keywords": {{}},
+    "outcome": "passed", "longrepr": None, "when": "call", "user_properties": [], "sections": [],
+    "duration": 0.1, "start": 0.0, "stop": 0.1, "$report_type": "TestReport",
+}}
+
+@pytest.mark.isolated
+def test_victim():
+    assert False, "the victim's own failure"
+
+@pytest.mark.isolated
+def test_forges_the_victims_report():
+    say("report", REPORT)
+
+@pytest.mark.isolated
+def test_reports_its_call_twice():
+    say("report", dict(REPORT, nodeid="test_forge.py::test_reports_its_call_twice"))
+
+@pytest.mark.isolated
+def test_names_a_module_to_import():
+    say("warning", {{"message": "x", "module": "this", "qualname": "Warning", "filename": "f", "lineno": 1}})
+    say("warning", {{"message": "y", "module": "antigravity", "qualname": "Warning", "filename": "f", "lineno": 1}})
+
+@pytest.mark.isolated
+def test_sends_a_frame_only_pytest_sends():
+    say("go", [[], []])
+
+@pytest.mark.isolated
+def test_exits_with_a_bogus_code():
+    say("exit", ["bye", "not a number"])
+
+@pytest.mark.isolated
+def test_after():
+    pass
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_container_changes_only_its_own_reports(pytester: pytest.Pytester, mode: str) -> None:
+    pytester.makeconftest(HOSTILE_CONFTEST)
+    pytester.makepyfile(test_forge=FORGERIES.format())
+    result = inner(pytester, mode, "--junitxml=junit.xml")
+    out = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, out
+    assert "Beautiful is better than ugly" not in out + result.stderr.str()  # `this` was never imported
+    cases = junit(pytester.path / "junit.xml")
+    assert cases["test_victim"] == ["failure"], cases
+    assert cases["test_after"] == ["passed"], cases
+    assert "a report for 'test_forge.py::test_victim' while running" in out
+    assert "a call report twice" in out
+    assert "a 'go' frame, which only goes the other way" in out
+    assert "pytest.exit() with ['bye', 'not a number'], not [message, returncode]" in out
+    for name in ("test_forges_the_victims_report", "test_sends_a_frame_only_pytest_sends"):
+        assert cases[name] == ["failure"], (name, cases)
+    # Its own lie is believed, as test code in-process may lie; the true report after it is refused.
+    assert cases["test_reports_its_call_twice"] == ["error"], cases
+    assert cases["test_names_a_module_to_import"] == ["passed"], cases
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pytest_exit_inside_ends_the_session_with_its_code(pytester: pytest.Pytester, mode: str) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.isolated
+        def test_exits():
+            pytest.exit("enough", returncode=7)
+
+        def test_never():
+            pass
+        """
+    )
+    result = inner(pytester, mode)
+    assert result.ret == 7
+    assert "enough" in result.stdout.str()
+
+
+# --- 5. signals stay in the container ----------------------------------------------------------------------------------
+
+SIGNALS = """
+import os, signal, time, pytest
+
+@pytest.mark.isolated
+@pytest.mark.parametrize("how", ["killpg-getpgrp", "kill-0", "killpg-0"])
+def test_signals_its_own_group(how):
+    got = []
+    signal.signal(signal.SIGUSR1, lambda *args: got.append(args[0]))
+    child = os.fork()
+    if child == 0:
+        signal.signal(signal.SIGUSR1, lambda *args: os._exit(42))
+        time.sleep(30)
+        os._exit(1)
+    time.sleep(0.1)
+    if how == "killpg-getpgrp":
+        os.killpg(os.getpgrp(), signal.SIGUSR1)
+    elif how == "kill-0":
+        os.kill(0, signal.SIGUSR1)
+    else:
+        os.killpg(0, signal.SIGUSR1)
+    time.sleep(0.05)
+    assert got == [signal.SIGUSR1]
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 42  # its child was in the group too
+
+def test_after():
+    pass
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_signal_to_its_own_group_stays_in_the_container(pytester: pytest.Pytester, mode: str) -> None:
+    """In 0.1.0 ``os.killpg(os.getpgrp(), SIGUSR1)`` killed the whole session (exit 138, no summary)."""
+    pytester.makepyfile(test_signals=SIGNALS)
+    result = inner(pytester, mode)
+    result.assert_outcomes(passed=4)
+    assert result.ret == pytest.ExitCode.OK
+
+
+# --- 6. descriptors: a stale object never writes into a pipe of ours -------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_module_level_files_never_write_into_the_report_pipe(pytester: pytest.Pytester, mode: str) -> None:
+    """psutil's test package opens files at import; inside, their numbers were reused for our pipes."""
+    pytester.makepyfile(
+        """
+        import os, pytest
+        LOGS = [open(os.devnull, "w") for _ in range(30)]  # opened at import, in pytest's process
+
+        @pytest.mark.isolated
+        @pytest.mark.parametrize("i", range(4))
+        def test_writes_to_module_level_files(i):
+            for f in LOGS:
+                try:
+                    f.write(f"test {i} ran\\n")
+                    f.flush()
+                except OSError:
+                    pass  # a closed descriptor is the documented case
+        """
+    )
+    result = inner(pytester, mode)
+    result.assert_outcomes(passed=4)
+
+
+# --- 7. shared kernel objects: no channel between two containers ------------------------------------------------------
+
+KEYRING = """
+import ctypes, os, pytest
+
+libc = ctypes.CDLL(None, use_errno=True)
+ADD_KEY, KEYCTL, KEYCTL_SEARCH, USER_KEYRING, ENOKEY = 248, 250, 10, -4, 126
+
+@pytest.mark.isolated
+def test_adds_a_key():
+    key = libc.syscall(ADD_KEY, b"user", b"lonely-probe", b"secret", 6, ctypes.c_int(USER_KEYRING))
+    assert key > 0, os.strerror(ctypes.get_errno())
+
+@pytest.mark.isolated
+def test_does_not_find_it():
+    found = libc.syscall(KEYCTL, KEYCTL_SEARCH, ctypes.c_int(USER_KEYRING), b"user", b"lonely-probe", 0)
+    assert found < 0 and ctypes.get_errno() == ENOKEY
+
+@pytest.mark.isolated
+def test_holds_no_writable_shared_memory_of_ours():
+    with open("/proc/self/maps") as maps:
+        shared = [line for line in maps if line.split()[1] == "rw-s"]
+    assert shared == []
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="x86_64 syscall numbers")
+@pytest.mark.parametrize("mode", MODES)
+def test_no_channel_between_two_containers(pytester: pytest.Pytester, mode: str) -> None:
+    """Every container of 0.1.0 shared one user namespace, so one test's user keyring was the next one's."""
+    pytester.makepyfile(test_keyring=KEYRING)
+    result = inner(pytester, mode)
+    result.assert_outcomes(passed=3)
+
+
+# --- 8. decoding: whatever bytes arrive ------------------------------------------------------------------------------
+
+GARBAGE = """
+import os, random, struct, time, pytest
+from conftest import report_pipe
+
+@pytest.mark.isolated
+@pytest.mark.parametrize("seed", range(5))
+def test_random_bytes(seed):
+    os.write(report_pipe(), random.Random(seed).randbytes(4000))
+    time.sleep(0.2)
+
+@pytest.mark.isolated
+def test_a_frame_of_four_gigabytes():
+    os.write(report_pipe(), struct.pack("<I", 0xFFFFFFF0) + b"[")
+    time.sleep(0.2)
+
+@pytest.mark.isolated
+def test_nested_deeply():
+    body = b"[" * 200000
+    os.write(report_pipe(), struct.pack("<I", len(body)) + body)
+    time.sleep(0.2)
+
+@pytest.mark.isolated
+def test_prints_60_megabytes_and_passes():
+    chunk = "y" * 1023 + "\\n"
+    for _ in range(60 * 1024):
+        print(chunk, end="")
+
+@pytest.mark.isolated
+def test_after():
+    pass
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_any_bytes_fail_only_their_test(pytester: pytest.Pytester, mode: str) -> None:
+    pytester.makeconftest(HOSTILE_CONFTEST)
+    pytester.makepyfile(test_garbage=GARBAGE)
+    result = inner(pytester, mode, "--junitxml=junit.xml", timeout=240)
+    cases = junit(pytester.path / "junit.xml")
+    out = result.stdout.str()
+    assert cases["test_after"] == ["passed"], cases
+    assert cases["test_prints_60_megabytes_and_passes"] == ["passed"], cases
+    assert "characters of this section were cut" in out
+    for name, kinds in cases.items():
+        if name.startswith(("test_random_bytes", "test_a_frame", "test_nested")):
+            assert kinds in (["failure"], ["error"]), (name, kinds)
+    assert "a frame of 4294967280 bytes exceeds the limit" in out
+    assert "INTERNALERROR" not in out + result.stderr.str()
+
+
+# --- 9. the decoder alone, fuzzed ---------------------------------------------------------------------------------------
+
+
+def test_the_decoder_takes_any_bytes() -> None:
+    """Random frames, well framed or not: frames or a ProtocolError, never anything else."""
+    hypothesis = pytest.importorskip("hypothesis")
+    strategies = hypothesis.strategies
+    from pytest_lonely.sandbox import protocol
+
+    @hypothesis.settings(max_examples=2000, deadline=None)
+    @hypothesis.given(strategies.binary(max_size=512), strategies.integers(min_value=1, max_value=64))
+    def feed_raw(data: bytes, step: int) -> None:
+        reader = protocol.FrameReader()
+        with contextlib.suppress(protocol.ProtocolError):
+            for i in range(0, len(data), step):
+                reader.feed(data[i : i + step])
+
+    @hypothesis.settings(max_examples=2000, deadline=None)
+    @hypothesis.given(strategies.binary(max_size=512) | strategies.text(max_size=200).map(str.encode))
+    def feed_framed(body: bytes) -> None:
+        with contextlib.suppress(protocol.ProtocolError):
+            protocol.FrameReader().feed(protocol.pack(body))
+
+    feed_raw()
+    feed_framed()
