@@ -20,7 +20,7 @@ import pytest
 from pytest_lonely.sandbox import image as image_mod
 from pytest_lonely.sandbox.image import Image, ImageError, detect, goarch, open_image, split_reference
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from pytest_lonely.sandbox.probe import STEPS, Availability, detect_container, d
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="namespaces need Linux")
 root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 APPARMOR_ON = {"kernel.apparmor_restrict_unprivileged_userns": "1", "user.max_user_namespaces": "63000"}
 CLONE_OFF = {"kernel.unprivileged_userns_clone": "0", "user.max_user_namespaces": "63000"}

@@ -1127,7 +1127,7 @@ def test_requires_plugin_skips_naming_the_plugin(pytester: pytest.Pytester, monk
     """Bug 8: a test that needs a plugin that is not installed skips, and the reason names the plugin."""
     # This suite's conftest, imported by the inner session as a plain module.
     monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
     )
     pytester.makepyfile(
         test_needs="from conftest import requires_plugin\n\n\n"
