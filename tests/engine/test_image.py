@@ -14,22 +14,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import images
 import pytest
+from helpers import images
 
 from pytest_lonely.sandbox import image as image_mod
 from pytest_lonely.sandbox.image import Image, ImageError, detect, goarch, open_image, split_reference
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> images.Images:
-    """Every form of the test image, made once per session (about a second)."""
-    missing = images.missing_tools()
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (apt-get install umoci skopeo busybox-static)")
-    return images.build(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture

@@ -19,13 +19,11 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import requires_plugin
-
-RunLonely = Callable[..., pytest.RunResult]
+from helpers.inner import RunLonely, requires_plugin
 
 PYTEST_9 = pytest.version_tuple[0] >= 9
 
@@ -1125,12 +1123,12 @@ def test_hooks_without_optionalhook_are_pytests_own_error(pytester: pytest.Pytes
 
 def test_requires_plugin_skips_naming_the_plugin(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bug 8: a test that needs a plugin that is not installed skips, and the reason names the plugin."""
-    # This suite's conftest, imported by the inner session as a plain module.
+    # This suite's helpers, imported by the inner session.
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
     )
     pytester.makepyfile(
-        test_needs="from conftest import requires_plugin\n\n\n"
+        test_needs="from helpers.inner import requires_plugin\n\n\n"
         '@requires_plugin("pytest-surely-not-installed", "pytest_surely_not_installed")\n'
         "def test_needs_it():\n    raise AssertionError('must not run')\n\n\n"
         '@requires_plugin("pytest", "pytest")\ndef test_has_it():\n    pass\n'

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import FIXTURE_ROOTFS
+from helpers.host import FIXTURE_ROOTFS
+from helpers.inner import RunLonely
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the namespace pool is a root-mode feature")
 
@@ -89,7 +90,7 @@ def test_same_containers_with_and_without_prebuilt_namespaces(
     assert not _builders(str(pytester.path)), "a namespace builder outlived its pytest session"
 
 
-def test_a_broken_pool_falls_back_to_building_in_the_child(pytester: pytest.Pytester, run_lonely) -> None:
+def test_a_broken_pool_falls_back_to_building_in_the_child(pytester: pytest.Pytester, run_lonely: RunLonely) -> None:
     """If the builder dies, every test still gets its container: the child builds it, as without the pool."""
     pytester.makeconftest(
         """

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import unique_sleeps
+from helpers.inner import unique_sleeps
 
 # --- helpers ----------------------------------------------------------------------------------------------------------
 

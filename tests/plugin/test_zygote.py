@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import parse_junit
+from helpers.inner import parse_junit
 
 from pytest_lonely.sandbox import launcher, protocol, rootfs
 from pytest_lonely.sandbox.spec import ContainerSpec, Inside
