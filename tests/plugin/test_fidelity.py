@@ -765,29 +765,28 @@ def test_outer(pytester):
 }
 
 
-@pytest.mark.parametrize("kind", list(NESTED))
 def test_nested_pytest_reports_stay_inside(
-    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely, kind: str
+    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely
 ) -> None:
     """Bug 4: an isolated test that runs pytest loses its inner session's reports to the outer one.
 
     The inner session sees its own passing, failing and skipped tests (and a
     crashing subprocess its own exit); the OUTER totals are exactly the outer
-    tests, and no inner test id is listed by the outer session.
+    tests, and no inner test id is listed by the outer session.  Every kind of
+    nested run is one isolated ``test_outer_KIND``, followed by a plain test,
+    in one outer session.
     """
-    source = (
-        "import signal\n\nimport pytest\n\npytest_plugins = ['pytester']\n\n"
-        f"INNER = {NESTED_INNER!r}\n\n\n@pytest.mark.isolated"
-        + NESTED[kind]
-        + "\n\ndef test_plain_after():\n    pass\n"
-    )
+    source = "import signal\n\nimport pytest\n\npytest_plugins = ['pytester']\n\n" + f"INNER = {NESTED_INNER!r}\n"
+    for kind, body in NESTED.items():
+        outer = body.replace("def test_outer(", f"def test_outer_{kind}(")
+        source += f"\n\n@pytest.mark.isolated{outer}\n\ndef test_plain_after_{kind}():\n    pass\n"
     pytester.makepyfile(test_nested=source)
     # Named explicitly: the reference run leaves the inner sessions' test files under its basetemp.
     reference = run_in_process("-rA", "-v", "test_nested.py")
-    assert reference.parseoutcomes() == {"passed": 2}, reference.stdout.str()
+    assert reference.parseoutcomes() == {"passed": 2 * len(NESTED)}, reference.stdout.str()
     isolated = run_lonely("-rA", "-v", "test_nested.py")
     everything = isolated.stdout.str()
-    assert isolated.parseoutcomes() == {"passed": 2}, everything
+    assert isolated.parseoutcomes() == {"passed": 2 * len(NESTED)}, everything
     assert isolated.ret == 0, everything
     assert short_summary(isolated) == short_summary(reference), everything
     outer_lines = [line for line in progress_region(isolated) if "test_inner_" in line]
