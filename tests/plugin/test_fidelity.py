@@ -546,14 +546,18 @@ import warnings
 import pytest
 
 {CONTAINER_CHILDREN_SRC}
+"""
+
+# Two isolated tests that have just finished when the plain test (of ZOMBIE_PLAIN) after them starts.
+ZOMBIE_ISOLATED = """
 
 @pytest.mark.isolated
-def test_iso_first():
+def test_iso_first_{plain}():
     pass
 
 
 @pytest.mark.isolated
-def test_iso_second():
+def test_iso_second_{plain}():
     pass
 """
 
@@ -648,23 +652,24 @@ def test_plain_last_no_child_left():
 }
 
 
-@pytest.mark.parametrize("plain", list(ZOMBIE_PLAIN))
 def test_plain_test_after_isolated_sees_only_its_own_children(
-    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely, plain: str
+    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely
 ) -> None:
     """Bug 3: a finished container is still a zombie child of pytest when the next (plain) test starts.
 
     ``os.wait()``, a SIGCHLD handler that reaps with ``waitpid(-1)``, an
     asyncio child watcher that does the same, and a last test that expects no
-    child left: each must see only its own children, as in-process.
+    child left: each must see only its own children, as in-process.  Each
+    comes right after two isolated tests, all in one session.
     """
-    pytester.makepyfile(test_zombie=ZOMBIE_HEAD + ZOMBIE_PLAIN[plain])
+    source = ZOMBIE_HEAD + "".join(ZOMBIE_ISOLATED.format(plain=plain) + body for plain, body in ZOMBIE_PLAIN.items())
+    pytester.makepyfile(test_zombie=source)
     # Python 3.12+ warns when a test forks while pytest-rerunfailures' thread runs: not what is tested here.
     quiet = ("-rA", "-W", "ignore:This process:DeprecationWarning")
     reference = run_in_process(*quiet)
-    assert reference.parseoutcomes() == {"passed": 3}, reference.stdout.str()
+    assert reference.parseoutcomes() == {"passed": 3 * len(ZOMBIE_PLAIN)}, reference.stdout.str()
     isolated = run_lonely(*quiet)
-    assert isolated.parseoutcomes() == {"passed": 3}, isolated.stdout.str()
+    assert isolated.parseoutcomes() == {"passed": 3 * len(ZOMBIE_PLAIN)}, isolated.stdout.str()
 
 
 ZOMBIE_CONFTEST = f"""
