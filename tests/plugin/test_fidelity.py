@@ -300,35 +300,44 @@ def assert_same_as_in_process(isolated: pytest.RunResult, reference: pytest.RunR
         assert _subtest_progress(isolated) == _subtest_progress(reference), everything
 
 
-@pytest.mark.parametrize("case", sorted(SUBTESTS_UNITTEST))
+def _every_case(cases: dict[str, str]) -> dict[str, str]:
+    """One test module per case, its names made unique so that every report section has a header of its own."""
+    return {
+        f"test_sub_{case}": source.replace("class TestIso(", f"class TestIso_{case}(")
+        .replace("def test_sub(", f"def test_sub_{case}(")
+        .replace("def test_plain_after(", f"def test_plain_after_{case}(")
+        for case, source in sorted(cases.items())
+    }
+
+
 def test_unittest_subtests_as_in_process(
-    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely, case: str
+    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely
 ) -> None:
     """Bug 1: a failing ``self.subTest()`` inside an isolated TestCase must not be lost (reported PASSED).
 
     The outcome line, the exit code, the short summary (with its
     ``SUBFAILED(i=1)`` line) and the failure sections match the in-process run.
+    Every case is a module of one session.
     """
-    pytester.makepyfile(test_sub=SUBTESTS_UNITTEST[case])
+    pytester.makepyfile(**_every_case(SUBTESTS_UNITTEST))
     reference = run_in_process("-rA")
     isolated = run_lonely("-rA")
-    if case == "fails":
-        assert any("i=1" in line for line in short_summary(reference)), reference.stdout.str()
+    assert any("test_sub_fails" in line and "i=1" in line for line in short_summary(reference)), reference.stdout.str()
     assert_same_as_in_process(isolated, reference, progress=False)
 
 
 @needs_subtests
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
-@pytest.mark.parametrize("case", sorted(SUBTESTS_FIXTURE))
 def test_subtests_fixture_as_in_process(
-    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely, case: str, verbose: bool
+    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely, verbose: bool
 ) -> None:
     """Bug 1: the ``subtests`` fixture (pytest 9, or pytest-subtests before) in an isolated test.
 
     Its SUBPASSED/SUBFAILED reports are made and logged by the child's
     session; they must reach the outer session's terminal, counts and exit code.
+    Every case is a module of one session.
     """
-    pytester.makepyfile(test_sub=SUBTESTS_FIXTURE[case])
+    pytester.makepyfile(**_every_case(SUBTESTS_FIXTURE))
     args = ("-rA", "-v") if verbose else ("-rA",)
     reference = run_in_process(*args)
     isolated = run_lonely(*args)
