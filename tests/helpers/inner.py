@@ -7,6 +7,7 @@ import importlib.util
 import os
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -53,11 +54,10 @@ class Case:
     properties: dict[str, str]
 
 
-def parse_junit(path: Path) -> dict[str, Case]:
-    """Every test case of an inner session's junitxml report; none if the session wrote no report."""
-    cases: dict[str, Case] = {}
+def junit_cases(path: Path) -> Iterator[tuple[str, str, Case]]:
+    """(classname, name, case) of every test case of an inner session's junitxml report, in report order."""
     if not path.exists():
-        return cases
+        return
     for case in ET.parse(path).iter("testcase"):
         outcome, message = "passed", ""
         for kind in ("skipped", "error", "failure"):
@@ -66,5 +66,9 @@ def parse_junit(path: Path) -> dict[str, Case]:
                 outcome = "failed" if kind == "failure" else kind
                 message = (element.get("message") or "") + "\n" + (element.text or "")
         properties = {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
-        cases[case.get("name", "")] = Case(outcome, message, properties)
-    return cases
+        yield case.get("classname", ""), case.get("name", ""), Case(outcome, message, properties)
+
+
+def parse_junit(path: Path) -> dict[str, Case]:
+    """Every test case of an inner session's junitxml report by name; none if the session wrote no report."""
+    return {name: case for _, name, case in junit_cases(path)}
