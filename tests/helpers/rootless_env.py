@@ -22,10 +22,16 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pytest
+
 from helpers.host import BUSYBOX, BUSYBOX_APPLETS, FIXTURE_ROOTFS, REPO
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 NOBODY = 65534
+#: Every test that runs pytest as uid 65534 carries it (plugin/conftest.py adds it to users of ``nobody_env``), so
+#: that under ``pytest -n 2 --dist loadgroup`` they run on one worker, one at a time: the rootless tests watch
+#: what uid 65534 leaves in /tmp, and the environment is built once.
+XDIST_GROUP = pytest.mark.xdist_group("nobody")
 #: What the plugin itself needs besides pytest and pytest's own requirements.
 PLUGIN_DISTRIBUTIONS = ("pluggy", "filelock")
 #: A plain environment for the inner sessions: nothing of the outer pytest (PYTEST_ADDOPTS, coverage, xdist).
@@ -259,6 +265,7 @@ __all__ = [
     "CLEAN_ENV",
     "NOBODY",
     "SYSTEM_PYTHON",
+    "XDIST_GROUP",
     "Env",
     "SystemPythonUnfit",
     "build_busybox_root",

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from helpers.inner import RunLonely
-from helpers.rootless_env import SYSTEM_PYTHON, Env, SystemPythonUnfit, build_env, world_tempdir
+from helpers.rootless_env import SYSTEM_PYTHON, XDIST_GROUP, Env, SystemPythonUnfit, build_env, world_tempdir
 
 
 @pytest.fixture
@@ -40,3 +40,10 @@ def nobody_env() -> Iterator[Env]:
     finally:
         shutil.rmtree(base)
         assert not base.exists()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "nobody_env" in getattr(item, "fixturenames", ()) and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(XDIST_GROUP)

@@ -41,6 +41,7 @@ from helpers.inner import Case, parse_junit
 from helpers.rootless_env import (
     CLEAN_ENV,
     NOBODY,
+    XDIST_GROUP,
     Env,
     chown_tree,
     world_tempdir,
@@ -199,7 +200,7 @@ class Box:
         return InnerRun(proc.returncode, log.read_text(errors="replace"), parse_junit(project / "report.xml"))
 
 
-@pytest.fixture(params=["root", "rootless"])
+@pytest.fixture(params=["root", pytest.param("rootless", marks=XDIST_GROUP)])
 def box(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Box]:
     if request.param == "root":
         yield Box("root", tmp_path, Path(sys.executable), FIXTURE_ROOTFS)
