@@ -79,7 +79,7 @@ def _builders(basetemp: str) -> set[int]:
 
 @pytest.mark.parametrize("prebuild", ["1", "0"])
 def test_same_containers_with_and_without_prebuilt_namespaces(
-    pytester: pytest.Pytester, run_lonely, monkeypatch: pytest.MonkeyPatch, prebuild: str
+    pytester: pytest.Pytester, run_lonely: RunLonely, monkeypatch: pytest.MonkeyPatch, prebuild: str
 ) -> None:
     """Alternating settings exercise the pool's misses (a different plan) as well as its hits."""
     monkeypatch.setenv("PYTEST_LONELY_PREBUILD", prebuild)
