@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .container import Container, ImageInfo
 from .errors import LonelyWarning
-from .sandbox.cgroup import Limits, Usage
+from .sandbox.limits import Limits, Usage
 
 __version__ = "0.1.0"
 __all__ = ["Container", "ImageInfo", "Limits", "LonelyWarning", "Usage", "__version__"]

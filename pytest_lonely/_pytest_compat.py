@@ -17,6 +17,7 @@ instead of taking the session down.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Generator
 from typing import Any, Final
@@ -370,6 +371,39 @@ def capture_fds(config: pytest.Config) -> tuple[int, ...]:
         if isinstance(fileno, int) and fileno > 2:
             fds.add(fileno)
     return tuple(sorted(fds))
+
+
+def redirect_capture(config: pytest.Config, out_fd: int, err_fd: int) -> None:
+    """Inside a container: make pytest's fd-level capture write into the container's own files.
+
+    The global ``FDCapture`` of fd 1 and 2 keeps its temporary file open at a
+    number of its own, and points fd 1 and 2 at it while capturing.  That file
+    is shared with the parent and every other container forked from it: one
+    that outlives its test would write into the next test's captured output.
+    Pointing those numbers at files of this container's own keeps pytest's
+    capture working unchanged (it reads and truncates by number), and only
+    this container ever writes there.  ``-s`` and ``--capture=sys`` have no
+    such files, and nothing changes.
+    """
+    if out_fd < 0 or err_fd < 0:
+        return
+    capman = config.pluginmanager.getplugin("capturemanager")
+    capturing = getattr(capman, "_global_capturing", None)
+    for name, own, target in (("out", out_fd, 1), ("err", err_fd, 2)):
+        capture = getattr(capturing, name, None)
+        tmpfile = getattr(capture, "tmpfile", None)
+        if getattr(capture, "targetfd", None) != target:
+            continue  # not an FDCapture: sys capture keeps its output in memory
+        try:
+            tmp_fd = tmpfile.fileno() if tmpfile is not None else -1
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(tmp_fd, int) or tmp_fd <= 2:
+            continue
+        capturing_now = os.path.sameopenfile(target, tmp_fd)
+        os.dup2(own, tmp_fd)
+        if capturing_now:
+            os.dup2(own, target)
 
 
 # --- capture ------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ left alone.
 from __future__ import annotations
 
 import dataclasses
+import traceback
 import warnings
 from typing import Any
 
@@ -26,13 +27,11 @@ from .errors import LonelyWarning
 from .sandbox import protocol
 from .sandbox.spec import Body, Inside
 
-_current: Container | None = None
-_current_item: pytest.Item | None = None
 
-
-def current() -> Container | None:
+def current(config: pytest.Config) -> Container | None:
     """The container this process runs in, or None in the parent."""
-    return _current
+    forwarder = config.pluginmanager.get_plugin(Forwarder.NAME)
+    return forwarder.container if isinstance(forwarder, Forwarder) else None
 
 
 def setup_container_hook(item: pytest.Item) -> None:
@@ -42,8 +41,9 @@ def setup_container_hook(item: pytest.Item) -> None:
     and every plugin's setup and teardown stay paired.  Only for the item
     this container was made for, not for the tests of a session it runs.
     """
-    if _current is not None and item is _current_item:
-        item.config.hook.pytest_lonely_setup_container(container=_current, item=item)
+    forwarder = item.config.pluginmanager.get_plugin(Forwarder.NAME)
+    if isinstance(forwarder, Forwarder) and forwarder.container is not None and item is forwarder.first_item:
+        item.config.hook.pytest_lonely_setup_container(container=forwarder.container, item=item)
 
 
 class Forwarder:
@@ -60,12 +60,19 @@ class Forwarder:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.send: protocol.Sender | None = None
+        #: Inside a container: its description (the ``container`` fixture), and the test it was made for.
+        self.container: Container | None = None
+        self.first_item: pytest.Item | None = None
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self.send is not None:
             _check_properties(report)
-            self.send(protocol.Kind.REPORT, wire.encode_report(self.config, report))
+            data = wire.encode_report(self.config, report)
+            try:
+                self.send(protocol.Kind.REPORT, data)
+            except protocol.FrameTooBig:
+                self.send(protocol.Kind.REPORT, wire.shrink_longrepr(data, protocol.MAX_FRAME // 4))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_warning_recorded(self, warning_message: warnings.WarningMessage) -> None:
@@ -77,16 +84,18 @@ def body_for(item: pytest.Item, container: Container, coverage: bool) -> Body:
     """What PID 1 runs: the item's phases, streamed to the parent."""
 
     def body(inside: Inside) -> None:
-        global _current, _current_item
-        _current = dataclasses.replace(container, host_pid=inside.host_pid)
-        _current_item = item
         send = inside.send
         pm = item.config.pluginmanager
         forwarder = pm.get_plugin(Forwarder.NAME)
         if not isinstance(forwarder, Forwarder):  # pragma: no cover - registered by pytest_configure
             forwarder = Forwarder(item.config)
             pm.register(forwarder, Forwarder.NAME)
+        forwarder.container = dataclasses.replace(container, host_pid=inside.host_pid)
+        forwarder.first_item = item
         forwarder.send = send
+        # Output goes to this container's own files from now on: nothing it prints after its test is over
+        # can land in the next test's captured output.
+        compat.redirect_capture(item.config, *inside.outputs)
         compat.silence_hook(pm, "pytest_runtest_logreport", forwarder)
         compat.silence_hook(pm, "pytest_warning_recorded", forwarder)
         compat.stop_teardown_at_item(item)
@@ -96,9 +105,9 @@ def body_for(item: pytest.Item, container: Container, coverage: bool) -> Body:
             try:
                 compat.runtestprotocol(item, nextitem=None)
             except pytest.exit.Exception as exc:
-                send(protocol.Kind.EXIT, (exc.msg, exc.returncode))
+                send(protocol.Kind.EXIT, (str(exc.msg), exc.returncode))
             except KeyboardInterrupt:
-                send(protocol.Kind.INTERRUPT)
+                send(protocol.Kind.INTERRUPT, traceback.format_exc())
             finally:
                 for w in recorded:
                     send(protocol.Kind.WARNING, wire.encode_warning(w))
@@ -129,8 +138,7 @@ def body_from_order(session: pytest.Session, order: tuple[int, str, tuple[Any, .
 def _check_properties(rep: pytest.TestReport) -> None:
     """``record_property`` values must cross the pipe: anything else is sent as its repr, with a warning."""
     for index, (name, value) in enumerate(rep.user_properties):
-        sent: Any = protocol.plain(value)
-        if sent is not value and sent != value:
+        if not wire.crosses(value):
             rep.user_properties[index] = (name, repr(value))
             warnings.warn(
                 LonelyWarning(

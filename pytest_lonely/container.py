@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .sandbox.cgroup import Limits
+from .sandbox.limits import Limits
 
 
 @dataclasses.dataclass(frozen=True)

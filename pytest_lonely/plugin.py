@@ -199,9 +199,9 @@ def _changed(config: pytest.Config) -> None:
 
 
 @pytest.fixture
-def container() -> Container:
+def container(request: pytest.FixtureRequest) -> Container:
     """The container this test runs in; requesting it isolates the test."""
-    current = child.current()
+    current = child.current(request.config)
     if current is None:
         pytest.fail("the 'container' fixture is only available inside an isolated test", pytrace=False)
     return current

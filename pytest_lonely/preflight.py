@@ -76,6 +76,8 @@ def prepare(item: pytest.Item) -> Ready | Refused:
         None if root is None else root.path, spec.network, tmp=any(name in fixturenames for name in _TMP_FIXTURES)
     )
     cid = os.urandom(6).hex()
+    while cid.isdigit():  # the default hostname: glibc's gethostbyname() reads a name of digits as an address
+        cid = os.urandom(6).hex()
     hostname = spec.hostname or cid
     limits = spec.limits
     if limits:

@@ -15,10 +15,13 @@ from typing import Final, Literal
 import pytest
 
 from . import _pytest_compat as compat
-from .sandbox.cgroup import format_bytes
-from .sandbox.launcher import Outcome, describe_status
+from .sandbox.box import Outcome
+from .sandbox.limits import format_bytes
+from .sandbox.process import describe_status
+from .sandbox.protocol import ProtocolError
 
 Phase = Literal["setup", "call", "teardown"]
+_OUTCOMES: Final = ("passed", "failed", "skipped")
 
 
 class Reporter:
@@ -32,6 +35,34 @@ class Reporter:
         self.seen: dict[str, pytest.TestReport] = {}
         #: The child's teardown report: the parent may still add its own teardown to it.
         self.held_teardown: pytest.TestReport | None = None
+
+    def accept(self, report: pytest.TestReport) -> None:
+        """Refuse a report from the container that pytest could not have made for this test at this point.
+
+        A container may lie about its own outcome, as test code in-process
+        can; it may not report for another test, report a phase twice or out
+        of pytest's order, or invent an outcome.
+        """
+        item = self.item
+        if report.nodeid != item.nodeid:
+            raise ProtocolError(f"a report for {report.nodeid!r} while running {item.nodeid!r}")
+        if report.when not in ("setup", "call", "teardown"):
+            raise ProtocolError(f"a report for phase {report.when!r}; pytest has setup, call and teardown")
+        if report.outcome not in _OUTCOMES:
+            raise ProtocolError(f"a {report.when} report with outcome {report.outcome!r}")
+        if self.held_teardown is not None:
+            raise ProtocolError(f"a {report.when} report after the teardown report")
+        if type(report) is not pytest.TestReport:  # a subtest's (or another plugin's) report: in any phase
+            return
+        setup = self.seen.get("setup")
+        if report.when == "setup" and self.seen:
+            raise ProtocolError("a second setup report")
+        if report.when == "call" and (setup is None or not setup.passed or "call" in self.seen):
+            raise ProtocolError(
+                "a call report " + ("twice" if "call" in self.seen else "without a passed setup before it")
+            )
+        if report.when == "teardown" and setup is None:
+            raise ProtocolError("a teardown report without a setup report before it")
 
     def log(self, report: pytest.TestReport) -> None:
         # The item's own phase reports decide which phase is missing after a crash; a subtest's
@@ -73,16 +104,42 @@ class Reporter:
 
         return self.make(pytest.CallInfo.from_call(raise_, when=when))
 
+    def unfinished(self) -> str | None:
+        """What a container that said DONE left unreported, in words; None if pytest would accept its reports."""
+        setup = self.seen.get("setup")
+        if setup is None:
+            return "no setup report"
+        if setup.passed and "call" not in self.seen and not _no_call(self.item.config):
+            return "a passed setup but no call report"
+        if self.held_teardown is None:
+            return "no teardown report"
+        return None
+
     def conclude(self, outcome: Outcome, timeout: float, memory: int | None, capture: compat.Capture) -> None:
         """Act on how the container ended: re-raise an exit, or make the missing phase's report."""
         if outcome.kind == "exit":
-            msg, returncode = outcome.payload
-            pytest.exit(msg, returncode)
+            payload = outcome.payload
+            if (
+                isinstance(payload, list)
+                and len(payload) == 2
+                and isinstance(payload[0], str)
+                and (payload[1] is None or type(payload[1]) is int)
+            ):
+                pytest.exit(payload[0], payload[1])
+            outcome.kind, outcome.payload = "refused", f"pytest.exit() with {payload!r}, not [message, returncode]"
         if outcome.kind == "interrupt":
             raise KeyboardInterrupt
         if outcome.kind == "done":
-            return
-        if outcome.kind in ("error", "aborted"):
+            missing = self.unfinished()
+            if missing is None:
+                return
+            outcome.kind, outcome.payload = "refused", f"it said it was done after {missing}"
+        if outcome.kind == "refused":
+            message = (
+                f"pytest-lonely refused what this test's container sent: {outcome.payload}; "
+                "the container was killed and nothing more it sent was used"
+            )
+        elif outcome.kind in ("error", "aborted"):
             message = str(outcome.payload)
         elif outcome.kind == "timeout":
             unit = "second" if timeout == 1 else "seconds"
@@ -96,9 +153,12 @@ class Reporter:
         if outcome.diag:
             message += "\n\n" + trim_traceback(outcome.diag)
         phase = self.missing_phase()
-        if phase == "teardown" and self.held_teardown is not None:
+        if phase == "teardown" and self.held_teardown is not None and outcome.kind != "refused":
             return  # the teardown report arrived complete; whatever killed the container came after
-        out, err = capture.read()
+        if phase == "teardown" and self.held_teardown is not None:
+            self.held_teardown = None  # a refused container's teardown report is not believed either
+        parent_out, parent_err = capture.read()
+        out, err = outcome.stdout + parent_out, outcome.stderr + parent_err
         if out:
             self.item.add_report_section(phase, "stdout", out)
         if err:
@@ -116,7 +176,7 @@ class Reporter:
         setup = self.seen.get("setup")
         if setup is None:
             return "setup"
-        if setup.passed and "call" not in self.seen and not self.item.config.getoption("setuponly", False):
+        if setup.passed and "call" not in self.seen and not _no_call(self.item.config):
             return "call"
         return "teardown"
 
@@ -133,6 +193,11 @@ class Reporter:
                     report.sections.append(section)
         self._log(report)
         return report
+
+
+def _no_call(config: pytest.Config) -> bool:
+    """``--setup-only`` and ``--setup-plan`` run no call phase."""
+    return bool(config.getoption("setuponly", False) or config.getoption("setupplan", False))
 
 
 _INTERNAL_FRAMES: Final = (

@@ -18,7 +18,9 @@ import pytest
 
 from . import _pytest_compat as compat
 from .sandbox import archive, cgroup, image, probe, rootfs
-from .sandbox.launcher import Engine
+from .sandbox.cache import FileMemo
+from .sandbox.engine import Engine
+from .sandbox.limits import Limits, Usage
 from .settings import Rootfs, RunOptions, SettingError, Spec
 
 
@@ -45,12 +47,15 @@ class Session:
     #: Tests whose results a plugin keeps in-process and that the container could not hand back, by plugin.
     lost_results: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     #: What each isolated test used, for ``--lonely-usage``.
-    usage: dict[str, cgroup.Usage] = dataclasses.field(default_factory=dict)
+    usage: dict[str, Usage] = dataclasses.field(default_factory=dict)
     _availability: probe.Availability | None = None
     _engine: Engine | None = None
     _layout: rootfs.HostLayout | None = None
     _plans: dict[rootfs.PlanKey, rootfs.Plan] = dataclasses.field(default_factory=dict)
     _roots: dict[Rootfs, Root] = dataclasses.field(default_factory=dict)
+    #: What the engine already read from image and tarball files, while they are unchanged.
+    _images: FileMemo[image.Image] = dataclasses.field(default_factory=FileMemo)
+    _tarball_keys: FileMemo[str] = dataclasses.field(default_factory=FileMemo)
     #: Bumped whenever the parent sets up or finishes a fixture or runs a test itself: a zygote forked
     #: before that is no faithful copy of the parent any more.
     generation: int = 0
@@ -73,8 +78,7 @@ class Session:
     def engine(self) -> Engine:
         """The engine, built as :func:`engine_tuning` says."""
         if self._engine is None:
-            prebuild, prefork, prefault = engine_tuning()
-            self._engine = Engine(self.rootless, prebuild=prebuild, prefork=prefork, prefault=prefault)
+            self._engine = Engine(self.rootless, prefork=engine_tuning())
         return self._engine
 
     def plan(self, rootfs_dir: Path | None, network: bool, tmp: bool) -> tuple[rootfs.PlanKey, rootfs.Plan]:
@@ -109,14 +113,14 @@ class Session:
         found = self._roots.get(configured)
         if found is None:
             if configured.image is not None:
-                opened = image.open_image(str(configured), cache_dir())
+                opened = image.open_image(str(configured), cache_dir(), memo=self._images)
                 found = Root(opened.root, opened.env, opened)
                 if opened.unpack_seconds and self.config.get_verbosity() > 0:
                     self._say(f"lonely: unpacked image {configured} in {opened.unpack_seconds:.2f} s")
             elif configured.path.is_dir():
                 found = Root(configured.path)
             else:
-                unpacked, _ = archive.unpack(configured.path, cache_dir())
+                unpacked, _ = archive.unpack(configured.path, cache_dir(), memo=self._tarball_keys)
                 found = Root(unpacked)
             self._roots[configured] = found
         return found
@@ -133,7 +137,7 @@ class Session:
     def usage_unavailable(self) -> str | None:
         if self.options.usage is None:
             return None
-        return cgroup.manager().why_not(cgroup.Limits(), usage=True)
+        return cgroup.manager().why_not(Limits(), usage=True)
 
     def reap(self) -> None:
         """Stop the zygote and wait for every container, so no test ever sees a child of ours."""
@@ -150,29 +154,19 @@ class Session:
 
 SESSION_KEY: Final = pytest.StashKey[Session]()
 
-#: ``PYTEST_LONELY_PREBUILD``: value -> (namespace pool, zygote).
-_PREBUILD: Final = {"1": (True, True), "namespaces": (True, False), "0": (False, False)}
-_PREFAULT: Final = {"1": True, "0": False}
+#: ``PYTEST_LONELY_PREBUILD``: value -> whether containers may come from a zygote.
+_PREBUILD: Final = {"1": True, "0": False}
 
 
-def engine_tuning() -> tuple[bool, bool, bool]:
-    """(prebuild namespaces, containers from a zygote, copy pages ahead of time) from the environment.
+def engine_tuning() -> bool:
+    """Whether containers may come from a zygote: ``PYTEST_LONELY_PREBUILD``, ``1`` (the default) or ``0``.
 
-    ``PYTEST_LONELY_PREBUILD``: ``1`` (the default) for both kinds of work
-    ahead of time, ``namespaces`` for the root-mode namespace helper only,
-    ``0`` for nothing.  ``PYTEST_LONELY_PREFAULT``: ``1`` (the default) or
-    ``0``.  Raises :class:`~pytest_lonely.settings.SettingError`.
+    Raises :class:`~pytest_lonely.settings.SettingError`.
     """
     prebuild = os.environ.get("PYTEST_LONELY_PREBUILD", "1")
-    prefault = os.environ.get("PYTEST_LONELY_PREFAULT", "1")
     if prebuild not in _PREBUILD:
-        raise SettingError(
-            f"PYTEST_LONELY_PREBUILD={prebuild!r} from the environment: use 1 (default), namespaces or 0"
-        )
-    if prefault not in _PREFAULT:
-        raise SettingError(f"PYTEST_LONELY_PREFAULT={prefault!r} from the environment: use 1 (default) or 0")
-    pool, zygote = _PREBUILD[prebuild]
-    return pool, zygote, _PREFAULT[prefault]
+        raise SettingError(f"PYTEST_LONELY_PREBUILD={prebuild!r} from the environment: use 1 (default) or 0")
+    return _PREBUILD[prebuild]
 
 
 def cache_dir() -> Path:

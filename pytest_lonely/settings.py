@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from .sandbox import cgroup, image
+from .sandbox import image
+from .sandbox.limits import Limits, parse_cpus, parse_memory, parse_pids
 
 MARKER: Final = "isolated"
 
@@ -262,7 +263,7 @@ class Spec:
     )
     memory: int | None = setting(
         None,
-        parse=_limit(cgroup.parse_memory),
+        parse=_limit(parse_memory),
         cli="--lonely-memory",
         ini="lonely_memory",
         metavar="SIZE",
@@ -272,7 +273,7 @@ class Spec:
     )
     pids: int | None = setting(
         None,
-        parse=_limit(cgroup.parse_pids),
+        parse=_limit(parse_pids),
         cli="--lonely-pids",
         ini="lonely_pids",
         metavar="N",
@@ -281,7 +282,7 @@ class Spec:
     )
     cpus: float | None = setting(
         None,
-        parse=_limit(cgroup.parse_cpus),
+        parse=_limit(parse_cpus),
         cli="--lonely-cpus",
         ini="lonely_cpus",
         metavar="CPUS",
@@ -306,8 +307,8 @@ class Spec:
         return self.origins.get(name, "the default")
 
     @property
-    def limits(self) -> cgroup.Limits:
-        return cgroup.Limits(memory=self.memory, pids=self.pids, cpus=self.cpus)
+    def limits(self) -> Limits:
+        return Limits(memory=self.memory, pids=self.pids, cpus=self.cpus)
 
     def with_marker(self, args: tuple[object, ...], kwargs: Mapping[str, object], where: str, rootdir: Path) -> Spec:
         """Apply one ``isolated`` marker on top of these settings."""

@@ -13,6 +13,7 @@ import ctypes.util
 import fcntl
 import os
 import platform
+import signal
 import socket
 import struct
 import warnings
@@ -196,23 +197,43 @@ def fork() -> int:
         return os.fork()
 
 
-_SYS_CLOSE_RANGE = 436  # the same number on every architecture (added in 5.9)
-_FD_MAX = 0xFFFFFFFF
+_CLONE_VM = 0x100
+_CLONE_VFORK = 0x4000
+_SIGCHLD = 17
+_LEADER_STACK = 1 << 14
 
 
-def close_fds_except(keep: set[int]) -> None:
-    """Really close every fd not in ``keep`` (0, 1 and 2 are the caller's to list).
+def group_leader() -> int:
+    """A new process group, for a child to be moved into; returns its ID (the PID of its zombie leader).
 
-    ``CLOSE_RANGE_CLOEXEC`` would not do: the container's body runs in this very
-    process and never execs, so a close-on-exec flag would leave it every fd.
+    A container's processes need a process group of their own, so that
+    ``kill(0, ...)`` and ``killpg(getpgrp(), ...)`` inside reach them and not
+    pytest's group.  PID 1 may not lead it: ``killpg(1, sig)`` is
+    ``kill(-1, sig)``, every process but the caller.  Nor may the group be led
+    by a process inside the container's PID namespace: while PID 1's group ID
+    is a PID of that namespace, the namespace's PID count never drops to one
+    and PID 1 can never finish exiting (``zap_pid_ns_processes`` waits for it),
+    not even after SIGKILL.  So the group is made out here, by a child cloned
+    only to call libc's ``setpgrp()`` and exit; its caller moves the container
+    in with ``setpgid`` and then reaps the leader: a group lives for as long as
+    it has a member.  Inside, ``getpgrp()`` is 0 (the ID has no number there),
+    and ``killpg(0, ...)`` is the caller's own group.
+
+    The child shares the caller's memory and the caller is suspended until it
+    exits (``CLONE_VM | CLONE_VFORK``, as ``posix_spawn`` does), so no page
+    table is copied and no Python code runs in it; signals are blocked around
+    it, so that no handler of ours runs there either.
     """
-    start = 0
-    for fd in [*sorted(keep), _FD_MAX + 1]:
-        if fd > start:
-            _close_range(start, min(fd - 1, _FD_MAX))
-        start = fd + 1
-
-
-def _close_range(first: int, last: int) -> None:
-    if _libc.syscall(ctypes.c_long(_SYS_CLOSE_RANGE), ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(0)) < 0:
-        os.closerange(first, min(last + 1, os.sysconf("SC_OPEN_MAX")))  # kernels before 5.9
+    stack = ctypes.create_string_buffer(_LEADER_STACK)
+    top = (ctypes.addressof(stack) + _LEADER_STACK - 64) & ~15
+    setpgrp = ctypes.cast(_libc.setpgrp, ctypes.c_void_p)
+    clone = _libc.clone
+    clone.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+    clone.restype = ctypes.c_int
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = clone(setpgrp, ctypes.c_void_p(top), _CLONE_VM | _CLONE_VFORK | _SIGCHLD, None)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    _check(pid, "clone", "setpgrp")
+    return int(pid)

@@ -21,10 +21,9 @@ import math
 import os
 import platform
 import select
-import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -87,142 +86,181 @@ def _failed(step: str, err: int) -> str:
     return f"{step} failed with {_errname(err)} ({os.strerror(err)})"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Facts:
+    """What a diagnosis may look at: the refusal, the mode, and the sysctls that explain most refusals."""
+
+    err: int
+    failed: str  #: "STEP failed with ENAME (strerror)", the clause every message carries
+    rootless: bool
+    in_container: bool
+    apparmor: str  #: kernel.apparmor_restrict_unprivileged_userns, "" where the kernel has no such knob
+    userns_clone: str  #: kernel.unprivileged_userns_clone
+    max_userns: str  #: user.max_user_namespaces
+
+
 def diagnose(step: str, err: int, *, rootless: bool, sysctls: Mapping[str, str], in_container: bool) -> str:
     """Map the first failing step of the rehearsal to a cause and a fix.
 
-    Kept free of I/O so that each branch can be exercised with made-up sysctls;
-    the first clause of every message is short enough for a report header.
+    Kept free of I/O so that each branch can be exercised with made-up sysctls; the first clause of
+    every message is short enough for a report header.  One function per step (:data:`_BY_STEP`).
     """
-    if step == "platform":
-        return (
-            f"namespaces need Linux; this is {platform.system() or 'an unknown system'}. "
-            "Run the tests on Linux (a VM or a Linux CI runner), or disable the plugin with -p no:lonely."
-        )
+    facts = _Facts(
+        err=err,
+        failed=_failed(step, err),
+        rootless=rootless,
+        in_container=in_container,
+        apparmor=sysctls.get("kernel.apparmor_restrict_unprivileged_userns", "").strip(),
+        userns_clone=sysctls.get("kernel.unprivileged_userns_clone", "").strip(),
+        max_userns=sysctls.get("user.max_user_namespaces", "").strip(),
+    )
+    explain = _BY_STEP.get(step)
+    return explain(facts) if explain is not None else f"{facts.failed}."
 
-    failed = _failed(step, err)
-    apparmor = sysctls.get("kernel.apparmor_restrict_unprivileged_userns", "").strip()
-    userns_clone = sysctls.get("kernel.unprivileged_userns_clone", "").strip()
-    max_userns = sysctls.get("user.max_user_namespaces", "").strip()
 
-    if step == "unshare-user":
-        if err == errno.ENOSPC:
-            if max_userns == "0":
-                return (
-                    f"user namespaces are disabled: {failed} because user.max_user_namespaces is 0. "
-                    "Fix: sudo sysctl -w user.max_user_namespaces=15000, or run pytest as root."
-                )
-            here = f" (it is {max_userns} here)" if max_userns else ""
+def _platform(_: _Facts) -> str:
+    return (
+        f"namespaces need Linux; this is {platform.system() or 'an unknown system'}. "
+        "Run the tests on Linux (a VM or a Linux CI runner), or disable the plugin with -p no:lonely."
+    )
+
+
+def _unshare_user(f: _Facts) -> str:
+    if f.err == errno.ENOSPC:
+        if f.max_userns == "0":
             return (
-                f"user namespace limit reached: {failed} because the count allowed by "
-                f"user.max_user_namespaces{here} is used up, in this or an enclosing user namespace. "
+                f"user namespaces are disabled: {f.failed} because user.max_user_namespaces is 0. "
                 "Fix: sudo sysctl -w user.max_user_namespaces=15000, or run pytest as root."
             )
-        if err in (errno.EPERM, errno.EINVAL) and userns_clone == "0":
-            return (
-                f"unprivileged user namespaces are disabled: {failed} because "
-                "kernel.unprivileged_userns_clone is 0. "
-                "Fix: sudo sysctl -w kernel.unprivileged_userns_clone=1, or run pytest as root."
-            )
-        if err == errno.EPERM and in_container:
-            return (
-                f"the container's seccomp profile blocks user namespaces: {failed} inside a container. "
-                f"Fix: {_SECCOMP_FIX}; or run pytest as root in a container that grants CAP_SYS_ADMIN."
-            )
-        if err == errno.EPERM:
-            return (
-                f"user namespaces are forbidden for this process: {failed}. "
-                "A seccomp filter (e.g. systemd's RestrictNamespaces=), a security module (SELinux, AppArmor) "
-                "or a chroot denies them; lift that restriction or run pytest as root."
-            )
-        if err == errno.EINVAL:
-            return (
-                f"this kernel has no user namespaces: {failed}. "
-                "Use a kernel built with CONFIG_USER_NS, or run pytest as root."
-            )
-        if err == errno.EUSERS:
-            return (
-                f"user namespaces are nested too deeply (the kernel allows 32 levels): {failed}. "
-                "Run pytest from a less deeply nested sandbox, or as root."
-            )
-        return f"{failed}. Run pytest as root, or allow unprivileged user namespaces on this host."
-
-    if step in ("uid_map", "setgroups", "gid_map"):
-        if err in (errno.EPERM, errno.EACCES) and apparmor == "1":
-            return (
-                f"AppArmor restricts unprivileged user namespaces: {failed} after unshare-user succeeded, "
-                "because kernel.apparmor_restrict_unprivileged_userns is 1 (Ubuntu 23.10+, GitHub's ubuntu-24.04 "
-                "runners). Fix: sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or an AppArmor "
-                "profile that allows userns for the python binary; or run pytest as root."
-            )
+        here = f" (it is {f.max_userns} here)" if f.max_userns else ""
         return (
-            f"writing the ID maps of a new user namespace was refused: {failed}. "
-            "A security module (AppArmor, SELinux) or the container runtime probably restricts user namespaces; "
-            "lift that restriction or run pytest as root."
+            f"user namespace limit reached: {f.failed} because the count allowed by "
+            f"user.max_user_namespaces{here} is used up, in this or an enclosing user namespace. "
+            "Fix: sudo sysctl -w user.max_user_namespaces=15000, or run pytest as root."
         )
+    if f.err in (errno.EPERM, errno.EINVAL) and f.userns_clone == "0":
+        return (
+            f"unprivileged user namespaces are disabled: {f.failed} because "
+            "kernel.unprivileged_userns_clone is 0. "
+            "Fix: sudo sysctl -w kernel.unprivileged_userns_clone=1, or run pytest as root."
+        )
+    if f.err == errno.EPERM and f.in_container:
+        return (
+            f"the container's seccomp profile blocks user namespaces: {f.failed} inside a container. "
+            f"Fix: {_SECCOMP_FIX}; or run pytest as root in a container that grants CAP_SYS_ADMIN."
+        )
+    if f.err == errno.EPERM:
+        return (
+            f"user namespaces are forbidden for this process: {f.failed}. "
+            "A seccomp filter (e.g. systemd's RestrictNamespaces=), a security module (SELinux, AppArmor) "
+            "or a chroot denies them; lift that restriction or run pytest as root."
+        )
+    if f.err == errno.EINVAL:
+        return (
+            f"this kernel has no user namespaces: {f.failed}. "
+            "Use a kernel built with CONFIG_USER_NS, or run pytest as root."
+        )
+    if f.err == errno.EUSERS:
+        return (
+            f"user namespaces are nested too deeply (the kernel allows 32 levels): {f.failed}. "
+            "Run pytest from a less deeply nested sandbox, or as root."
+        )
+    return f"{f.failed}. Run pytest as root, or allow unprivileged user namespaces on this host."
 
-    if step == "unshare":
-        if err == errno.EPERM and in_container:
-            return (
-                f"the container's seccomp profile blocks namespaces: {failed} inside a container "
-                f"(runtimes allow unshare only with CAP_SYS_ADMIN, which they drop). Fix: {_SECCOMP_FIX}."
-            )
-        if err == errno.EPERM and not rootless:
-            return (
-                f"root lacks CAP_SYS_ADMIN: {failed} although pytest runs as root, so the capability was "
-                "dropped (capsh, systemd CapabilityBoundingSet=) or a security module (SELinux, AppArmor) denies it. "
-                "Grant CAP_SYS_ADMIN, or run pytest as a regular user so that a user namespace is used."
-            )
-        if err == errno.ENOSPC:
-            return (
-                f"a namespace limit is reached: {failed}. "
-                "Raise user.max_mnt_namespaces, user.max_pid_namespaces, user.max_uts_namespaces or "
-                "user.max_ipc_namespaces (sudo sysctl -w user.max_pid_namespaces=15000, and so on)."
-            )
-        if err == errno.EINVAL:
-            return (
-                f"this kernel lacks a namespace type: {failed}. "
-                "Use a kernel built with CONFIG_PID_NS, CONFIG_UTS_NS and CONFIG_IPC_NS."
-            )
-        return f"{failed}. Run pytest as root on a Linux host, or outside of restrictive sandboxes."
 
-    if step == "make-private":
-        if err == errno.EINVAL:
-            return (
-                f"/ is not a mount point: {failed}, which happens inside a plain chroot. "
-                "Run pytest outside the chroot, or make its root a mount point (mount --bind DIR DIR)."
-            )
-        if err in (errno.EPERM, errno.EACCES) and in_container:
-            return (
-                f"the container forbids mount(): {failed} inside a container (AppArmor's docker-default profile "
-                "denies it). Fix: run the container with --privileged, or with --security-opt apparmor=unconfined."
-            )
-        return f"{failed}. A security module probably forbids mount(); run pytest as root or lift that restriction."
+def _id_map(f: _Facts) -> str:
+    if f.err in (errno.EPERM, errno.EACCES) and f.apparmor == "1":
+        return (
+            f"AppArmor restricts unprivileged user namespaces: {f.failed} after unshare-user succeeded, "
+            "because kernel.apparmor_restrict_unprivileged_userns is 1 (Ubuntu 23.10+, GitHub's ubuntu-24.04 "
+            "runners). Fix: sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or an AppArmor "
+            "profile that allows userns for the python binary; or run pytest as root."
+        )
+    return (
+        f"writing the ID maps of a new user namespace was refused: {f.failed}. "
+        "A security module (AppArmor, SELinux) or the container runtime probably restricts user namespaces; "
+        "lift that restriction or run pytest as root."
+    )
 
-    if step == "fork":
-        if err in (errno.EAGAIN, errno.ENOMEM):
-            return (
-                f"no process could be started: {failed}. "
-                "Check the process limits (ulimit -u, the cgroup's pids.max) and free memory."
-            )
-        return f"{failed}. Check the process limits (ulimit -u, the cgroup's pids.max)."
 
-    if step == "mount-proc":
-        if err == errno.EPERM and in_container:
-            return (
-                f"the container masks /proc: {failed} because the runtime overmounts parts of /proc "
-                "(/proc/kcore and others, a read-only /proc/sys), so the kernel refuses a fresh proc. "
-                "Fix: run the container with --privileged, or with --security-opt systempaths=unconfined (Docker) "
-                "or --security-opt unmask=ALL (Podman)."
-            )
-        if err == errno.EPERM and rootless:
-            return (
-                f"/proc is partly hidden: {failed} because something overmounts parts of /proc (a sandbox, or "
-                "systemd's ProtectKernelTunables=), so the kernel refuses a fresh proc in a user namespace. "
-                "Run pytest where /proc is fully visible, or as root."
-            )
-        return f"{failed}. Run pytest as root, where /proc is fully visible."
+def _unshare(f: _Facts) -> str:
+    if f.err == errno.EPERM and f.in_container:
+        return (
+            f"the container's seccomp profile blocks namespaces: {f.failed} inside a container "
+            f"(runtimes allow unshare only with CAP_SYS_ADMIN, which they drop). Fix: {_SECCOMP_FIX}."
+        )
+    if f.err == errno.EPERM and not f.rootless:
+        return (
+            f"root lacks CAP_SYS_ADMIN: {f.failed} although pytest runs as root, so the capability was "
+            "dropped (capsh, systemd CapabilityBoundingSet=) or a security module (SELinux, AppArmor) denies it. "
+            "Grant CAP_SYS_ADMIN, or run pytest as a regular user so that a user namespace is used."
+        )
+    if f.err == errno.ENOSPC:
+        return (
+            f"a namespace limit is reached: {f.failed}. "
+            "Raise user.max_mnt_namespaces, user.max_pid_namespaces, user.max_uts_namespaces or "
+            "user.max_ipc_namespaces (sudo sysctl -w user.max_pid_namespaces=15000, and so on)."
+        )
+    if f.err == errno.EINVAL:
+        return (
+            f"this kernel lacks a namespace type: {f.failed}. "
+            "Use a kernel built with CONFIG_PID_NS, CONFIG_UTS_NS and CONFIG_IPC_NS."
+        )
+    return f"{f.failed}. Run pytest as root on a Linux host, or outside of restrictive sandboxes."
 
-    return f"{failed}."
+
+def _make_private(f: _Facts) -> str:
+    if f.err == errno.EINVAL:
+        return (
+            f"/ is not a mount point: {f.failed}, which happens inside a plain chroot. "
+            "Run pytest outside the chroot, or make its root a mount point (mount --bind DIR DIR)."
+        )
+    if f.err in (errno.EPERM, errno.EACCES) and f.in_container:
+        return (
+            f"the container forbids mount(): {f.failed} inside a container (AppArmor's docker-default profile "
+            "denies it). Fix: run the container with --privileged, or with --security-opt apparmor=unconfined."
+        )
+    return f"{f.failed}. A security module probably forbids mount(); run pytest as root or lift that restriction."
+
+
+def _fork(f: _Facts) -> str:
+    if f.err in (errno.EAGAIN, errno.ENOMEM):
+        return (
+            f"no process could be started: {f.failed}. "
+            "Check the process limits (ulimit -u, the cgroup's pids.max) and free memory."
+        )
+    return f"{f.failed}. Check the process limits (ulimit -u, the cgroup's pids.max)."
+
+
+def _mount_proc(f: _Facts) -> str:
+    if f.err == errno.EPERM and f.in_container:
+        return (
+            f"the container masks /proc: {f.failed} because the runtime overmounts parts of /proc "
+            "(/proc/kcore and others, a read-only /proc/sys), so the kernel refuses a fresh proc. "
+            "Fix: run the container with --privileged, or with --security-opt systempaths=unconfined (Docker) "
+            "or --security-opt unmask=ALL (Podman)."
+        )
+    if f.err == errno.EPERM and f.rootless:
+        return (
+            f"/proc is partly hidden: {f.failed} because something overmounts parts of /proc (a sandbox, or "
+            "systemd's ProtectKernelTunables=), so the kernel refuses a fresh proc in a user namespace. "
+            "Run pytest where /proc is fully visible, or as root."
+        )
+    return f"{f.failed}. Run pytest as root, where /proc is fully visible."
+
+
+#: The rehearsal's steps (:data:`STEPS`), each with the function that explains its refusal.
+_BY_STEP: Final[Mapping[str, Callable[[_Facts], str]]] = {
+    "platform": _platform,
+    "unshare-user": _unshare_user,
+    "uid_map": _id_map,
+    "setgroups": _id_map,
+    "gid_map": _id_map,
+    "unshare": _unshare,
+    "make-private": _make_private,
+    "fork": _fork,
+    "mount-proc": _mount_proc,
+}
 
 
 # --------------------------------------------------------------------------- host facts
@@ -333,7 +371,8 @@ def _probe(rootless: bool, timeout: float) -> Availability:
             f"the isolation probe did not finish within {timeout:g} s and was killed; the machine may be "
             "overloaded, or a namespace operation hangs (see dmesg).",
         )
-    return Availability(False, rootless, f"the isolation probe's child {_describe_status(status)} without a report.")
+    ended = process.describe_status(os.waitstatus_to_exitcode(status), "the isolation probe's child")
+    return Availability(False, rootless, f"{ended} without a report.")
 
 
 #: Status returned by :func:`_wait` when the child had to be killed.
@@ -402,47 +441,25 @@ def _reap_orphaned_pid1(lines: list[str]) -> None:
                 pass
 
 
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return f"was killed by {name}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
-
-
 def _report(fd: int, line: str) -> None:
     with contextlib.suppress(OSError):  # the parent gave up on us; nobody is left to tell
         os.write(fd, (line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
 
 
-def _write_file(path: str, text: str) -> None:
-    """One write(2) per file: the kernel accepts an ID map only in a single write."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
 def _child_main(fd: int, rootless: bool, uid: int, gid: int, parent: int) -> None:  # pragma: no cover
     """The rehearsal, in the order the real sandbox uses; the first refusal is reported as ``fail STEP ERRNO``."""
-    _syscalls.prctl(_syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # pytest died before PDEATHSIG was armed
-        return
+    process.guard_parent(parent)
     step = ""
     try:
         if rootless:
             step = "unshare-user"
             _syscalls.unshare(_syscalls.CLONE_NEWUSER)
-            step = "uid_map"
-            _write_file("/proc/self/uid_map", f"0 {uid} 1")
-            step = "setgroups"
-            _write_file("/proc/self/setgroups", "deny")
-            step = "gid_map"
-            _write_file("/proc/self/gid_map", f"0 {gid} 1")
+            step = "uid_map"  # refined below: map_root names the file it could not write
+            try:
+                namespaces.map_root(uid, gid)
+            except OSError as exc:
+                step = os.path.basename(exc.filename or step)
+                raise
         step = "unshare"
         # The namespaces every container gets, from the one function the launcher asks too.
         _syscalls.unshare(namespaces.flags(namespaces.for_container(rootless=False, network=True)))
@@ -450,9 +467,11 @@ def _child_main(fd: int, rootless: bool, uid: int, gid: int, parent: int) -> Non
         _syscalls.mount(None, "/", None, _syscalls.MS_REC | _syscalls.MS_PRIVATE)
         step = "fork"
 
+        me = os.getpid()
+
         def pid1_main() -> int:
             try:
-                _syscalls.prctl(_syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # a killed child must take PID 1 along
+                process.guard_parent(me)  # a killed child must take PID 1 along
                 _pid1_main(fd)
                 return 0
             except BaseException as exc:
@@ -466,7 +485,9 @@ def _child_main(fd: int, rootless: bool, uid: int, gid: int, parent: int) -> Non
     _report(fd, f"pid1 {pid1}")
     _, status = os.waitpid(pid1, 0)
     if status != 0:
-        _report(fd, f"error PID 1 of the new PID namespace {_describe_status(status)}")
+        _report(
+            fd, f"error {process.describe_status(os.waitstatus_to_exitcode(status), 'PID 1 of the new PID namespace')}"
+        )
 
 
 def _pid1_main(fd: int) -> None:  # pragma: no cover

@@ -16,17 +16,19 @@ detach everything else.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
-import re
 import stat
 import sys
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final, Literal
 
 from . import _syscalls as sc
+from . import mountinfo
 
 OLD: Final = "/oldroot"
 NEW: Final = "/newroot"
@@ -35,6 +37,15 @@ NEW: Final = "/newroot"
 PROC_COVERS: Final = ("sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "scsi", "driver", "latency_stats", "mtrr")
 #: Where root mode keeps its hidden read-only proc (see :func:`hide_readonly_proc`).
 HIDDEN_PROC: Final = "/dev/.lonely-proc"
+
+#: The files the engine itself writes into a container's root once it is built, before the test starts
+#: (:func:`write_hosts`): not changes the test made.  A copy-up also makes their parent directories.
+ENGINE_WRITES: Final = ("/etc/hosts",)
+HOSTS: Final = "/etc/hosts"
+#: Where the container's hostname resolves: a loopback address of its own, as Debian names a machine.
+HOSTNAME_ADDRESS: Final = "127.0.1.1"
+#: What a root without ``/etc/hosts`` gets besides its hostname: Docker's loopback lines.
+_DEFAULT_HOSTS: Final = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 #: Device nodes bound into the container's /dev.  No block devices, ever.
 DEV_NODES: Final = ("null", "zero", "full", "random", "urandom", "tty")
@@ -76,27 +87,12 @@ class Mount:
     fstype: str
 
 
-_OCTAL_ESCAPE: Final = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash in paths as ``\\ooo``."""
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def read_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+def read_mounts(path: str = mountinfo.MOUNTINFO) -> list[Mount]:
     """The host's visible mounts, the last one per mountpoint, in mount order."""
     mounts: dict[str, Mount] = {}
-    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            try:
-                sep = fields.index("-")
-            except ValueError:
-                continue
-            mountpoint = _unescape(fields[4])
-            mounts.pop(mountpoint, None)
-            mounts[mountpoint] = Mount(mountpoint, fields[sep + 1])
+    for entry in mountinfo.read(path):
+        mounts.pop(entry.mount_point, None)
+        mounts[entry.mount_point] = Mount(entry.mount_point, entry.fstype)
     return list(mounts.values())
 
 
@@ -186,11 +182,17 @@ def _imported_roots() -> set[str]:
     return roots
 
 
-def _overlay_data(lower: str, n: int, rootless: bool) -> str:
+def _overlay_data(lower: str, n: int, rootless: bool, xino: bool = True) -> str:
+    """The options of layer ``n``.  ``xino=on``: overlayfs gives every file one inode number space, so
+    ``stat`` and ``readdir`` agree on inode numbers and every file reports the overlay's ``st_dev``, as on
+    any single filesystem (without it, upper and lower on different filesystems, they disagree)."""
+
     def esc(p: str) -> str:
         return p.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
     data = f"lowerdir={esc(lower)},upperdir=/.u{n},workdir=/.w{n}"
+    if xino:
+        data += ",xino=on"
     return data + ",userxattr" if rootless else data
 
 
@@ -203,142 +205,206 @@ class PlanKey:
     writable: tuple[str, ...] = ()
 
 
+class _Layers:
+    """Numbers the copy-on-write layers of one plan: layer ``n`` keeps its upper and work directories at
+    ``/.u{n}`` and ``/.w{n}`` in the scratch root, so each overlay needs a number no other one has."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def new(self) -> int:
+        n = self._next
+        self._next += 1
+        return n
+
+
 def plan(layout: HostLayout, key: PlanKey) -> Plan:
-    """The operations that assemble ``/newroot`` inside the scratch root; see :func:`apply`."""
-    ops: list[Op] = [("mkdir", NEW, 0o755)]
-    counter = iter(range(1_000_000))
-    covered: list[str] = []  # host paths the new root already shows at their own place
+    """The operations that assemble ``/newroot`` inside the scratch root; see :func:`apply`.
 
-    if key.rootfs is None:
-        if not key.rootless:
-            ops.append(("cow", OLD, NEW, next(counter), False))
-            for m in sorted(layout.mounts, key=lambda m: m.mountpoint.count("/")):
-                mp = m.mountpoint
-                if mp == "/" or m.fstype in _PSEUDO_FS or any(_under(mp, "/" + t) for t in _SPECIAL_TOP):
-                    continue
-                ops.append(("optional", mp, (("cow", OLD + mp, NEW + mp, next(counter), False),)))
-        else:
-            # Overlayfs refuses a lower layer with locked submounts inside a user namespace,
-            # so each top-level directory gets its own layer, or a read-only bind if it holds mounts.
-            # The top level itself is a tmpfs: writable, throwaway, and a mount point for pivot_root.
-            ops.append(("mount", "tmpfs", NEW, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755"))
-            for name, kind, target in layout.top:
-                path = "/" + name
-                if kind == "symlink":
-                    ops.append(("symlink", target, NEW + path))
-                elif kind == "file":
-                    ops.append(("optional", path, (("touch", NEW + path), ("bind_ro", OLD + path, NEW + path))))
-                elif name in _SPECIAL_TOP:
-                    continue
-                else:
-                    ops.append(("mkdir", NEW + path, 0o755))
-                    has_submounts = any(_under(m.mountpoint, path) and m.mountpoint != path for m in layout.mounts)
-                    layer: Step = (
-                        ("bind_ro", OLD + path, NEW + path)
-                        if has_submounts
-                        else ("cow", OLD + path, NEW + path, next(counter), True)
-                    )
-                    ops.append(("optional", path, (layer,)))
+    In order: the root (the host view, or the configured tree with what the test needs of the host),
+    ``/proc``'s mount point and ``/sys``, ``/dev``, then ``/tmp`` with whatever must be under it.
+    """
+    layers = _Layers()
+    if key.rootfs is not None:
+        root = _own_root(layout, key, key.rootfs, layers)
+    elif key.rootless:
+        root = _host_view_rootless(layout, layers)
     else:
-        # Mount points are made in the root's upper layer before the overlay goes up: through
-        # the overlay, a user namespace's root may not write into directories that belong to
-        # someone else on the host (they show up as the overflow uid).
-        n = next(counter)
-        upper = f"/.u{n}"
-        prepared: list[Op] = []
-        later: list[Op] = [("cow", OLD + key.rootfs, NEW, n, key.rootless)]
+        root = _host_view(layout, layers)
+    return (
+        ("mkdir", NEW, 0o755),
+        *root,
+        *_proc_and_sys(host_view=key.rootfs is None),
+        *_dev(layout, hidden_proc=not key.rootless),
+        *_tmp(layout, key, layers),
+    )
 
-        def mount_point(path: str, is_dir: bool) -> bool:
-            parts = path.strip("/").split("/")
-            source = key.rootfs or "/"
-            for index, part in enumerate(parts):
-                source = os.path.join(source, part)
-                if os.path.islink(source):
-                    later.append(("note", f"{path} is not available inside the container: {source} is a symlink"))
-                    return False
-                if os.path.exists(source) and not os.path.isdir(source) and (index < len(parts) - 1 or is_dir):
-                    later.append(("note", f"{path} is not available inside the container: {source} is not a directory"))
-                    return False
-            if is_dir:
-                prepared.append(("mkdirs", upper + path))
-            else:
-                prepared.extend([("mkdirs", upper + os.path.dirname(path)), ("touch", upper + path)])
-            return True
 
-        if not os.path.isdir(os.path.join(key.rootfs, "usr")):
-            # A skeleton: borrow the host's system directories, read-only.
-            for name, kind, target in layout.top:
-                if name not in _SYSTEM_DIRS:
-                    continue
-                covered.append("/" + name)
-                if kind == "symlink":
-                    later.append(("symlink", target, NEW + "/" + name))
-                elif kind == "dir" and mount_point("/" + name, True):
-                    later.append(("optional", "/" + name, (("bind_ro", OLD + "/" + name, NEW + "/" + name),)))
-        for path, want_cow in layout.needed:
-            if _under(path, "/tmp") or any(_under(path, c) for c in covered):
+def _host_view(layout: HostLayout, layers: _Layers) -> list[Op]:
+    """Root mode: one overlay over the host's ``/``, and one over each real mount below it (an overlay
+    shows only its own filesystem), shallowest first.  Pseudo filesystems and the directories the
+    container gets fresh ones of are left out."""
+    ops: list[Op] = [("cow", OLD, NEW, layers.new(), False)]
+    for m in sorted(layout.mounts, key=lambda m: m.mountpoint.count("/")):
+        mp = m.mountpoint
+        if mp == "/" or m.fstype in _PSEUDO_FS or any(_under(mp, "/" + t) for t in _SPECIAL_TOP):
+            continue
+        ops.append(("optional", mp, (("cow", OLD + mp, NEW + mp, layers.new(), False),)))
+    return ops
+
+
+def _host_view_rootless(layout: HostLayout, layers: _Layers) -> list[Op]:
+    """Rootless: overlayfs refuses a lower layer with locked submounts inside a user namespace, so each
+    top-level directory gets its own layer, or a read-only bind if it holds mounts.  The top level
+    itself is a tmpfs: writable, throwaway, and a mount point for ``pivot_root``."""
+    ops: list[Op] = [("mount", "tmpfs", NEW, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755")]
+    for name, kind, target in layout.top:
+        path = "/" + name
+        if kind == "symlink":
+            ops.append(("symlink", target, NEW + path))
+        elif kind == "file":
+            ops.append(("optional", path, (("touch", NEW + path), ("bind_ro", OLD + path, NEW + path))))
+        elif name not in _SPECIAL_TOP:
+            ops.append(("mkdir", NEW + path, 0o755))
+            has_submounts = any(_under(m.mountpoint, path) and m.mountpoint != path for m in layout.mounts)
+            layer: Step = (
+                ("bind_ro", OLD + path, NEW + path)
+                if has_submounts
+                else ("cow", OLD + path, NEW + path, layers.new(), True)
+            )
+            ops.append(("optional", path, (layer,)))
+    return ops
+
+
+def _own_root(layout: HostLayout, key: PlanKey, rootfs: str, layers: _Layers) -> list[Op]:
+    """A directory (an unpacked tarball or image) as the root, copy-on-write, plus what the test needs of the
+    host at its host path: the system directories of a skeleton, the interpreter and the project, the
+    writable windows.
+
+    Mount points are made in the root's upper layer before the overlay goes up: through the overlay, a
+    user namespace's root may not write into directories that belong to someone else on the host (they
+    show up as the overflow uid).  So the plan is the mount points first, then the mounts.
+    """
+    n = layers.new()
+    upper = f"/.u{n}"
+    points: list[Op] = []
+    mounts: list[Op] = [("cow", OLD + rootfs, NEW, n, key.rootless)]
+    covered: list[str] = []  # host paths the new root already shows at their own place
+    if not os.path.isdir(os.path.join(rootfs, "usr")):
+        # A skeleton: borrow the host's system directories, read-only.
+        for name, kind, target in layout.top:
+            path = "/" + name
+            if name not in _SYSTEM_DIRS:
                 continue
-            if mount_point(path, os.path.isdir(path)):
-                _expose(later, path, want_cow, key.rootless, counter)
-        for path in key.writable:
-            if not _under(path, "/tmp") and mount_point(path, True):
-                later.append(("bind", OLD + path, NEW + path))
-        ops.extend(prepared)
-        ops.extend(later)
+            covered.append(path)
+            if kind == "symlink":
+                mounts.append(("symlink", target, NEW + path))
+            elif kind == "dir":
+                if (note := _not_a_mount_point(rootfs, path, is_dir=True)) is not None:
+                    mounts.append(note)
+                    continue
+                points += _mount_point(upper, path, is_dir=True)
+                mounts.append(("optional", path, (("bind_ro", OLD + path, NEW + path),)))
+    for path, want_cow in layout.needed:
+        if _under(path, "/tmp") or any(_under(path, c) for c in covered):
+            continue
+        is_dir = os.path.isdir(path)
+        if (note := _not_a_mount_point(rootfs, path, is_dir)) is not None:
+            mounts.append(note)
+            continue
+        points += _mount_point(upper, path, is_dir)
+        mounts.append(_expose(path, want_cow, key.rootless, layers))
+    for path in key.writable:
+        if _under(path, "/tmp"):
+            continue
+        if (note := _not_a_mount_point(rootfs, path, is_dir=True)) is not None:
+            mounts.append(note)
+            continue
+        points += _mount_point(upper, path, is_dir=True)
+        mounts.append(("bind", OLD + path, NEW + path))
+    return points + mounts
 
-    ops.append(("mkdirs", NEW + "/proc"))
+
+def _not_a_mount_point(rootfs: str, path: str, is_dir: bool) -> Note | None:
+    """Why ``path`` cannot become a mount point in ``rootfs`` (a symlink or a file on the way), if it cannot."""
+    parts = path.strip("/").split("/")
+    source = rootfs
+    for index, part in enumerate(parts):
+        source = os.path.join(source, part)
+        if os.path.islink(source):
+            return ("note", f"{path} is not available inside the container: {source} is a symlink")
+        if os.path.exists(source) and not os.path.isdir(source) and (index < len(parts) - 1 or is_dir):
+            return ("note", f"{path} is not available inside the container: {source} is not a directory")
+    return None
+
+
+def _mount_point(upper: str, path: str, is_dir: bool) -> list[Op]:
+    """Make ``path`` (a directory, or an empty file to bind a file onto) in the upper layer ``upper``."""
+    if is_dir:
+        return [("mkdirs", upper + path)]
+    return [("mkdirs", upper + os.path.dirname(path)), ("touch", upper + path)]
+
+
+def _expose(path: str, want_cow: bool, rootless: bool, layers: _Layers) -> Optional_:
+    """Show the host's ``path`` at its own place: copy-on-write if the test may write there, else read-only."""
+    group: tuple[Step, ...]
+    if not os.path.isdir(path):
+        group = (("mkdirs", NEW + os.path.dirname(path)), ("touch", NEW + path), ("bind_ro", OLD + path, NEW + path))
+    elif want_cow:
+        group = (("mkdirs", NEW + path), ("cow", OLD + path, NEW + path, layers.new(), rootless))
+    else:
+        group = (("mkdirs", NEW + path), ("bind_ro", OLD + path, NEW + path))
+    return ("optional", path, group)
+
+
+def _proc_and_sys(host_view: bool) -> list[Op]:
     # /proc itself is mounted by PID 1 (mount_proc): it must show PID 1's own namespace.
-    if key.rootfs is None:
-        ops.append(("mkdirs", NEW + "/sys"))
+    ops: list[Op] = [("mkdirs", NEW + "/proc")]
+    if host_view:
         # A read-only bind of the host's, made before the user namespace that then locks it.  A fresh
         # sysfs would have to be mounted after the new network namespace, so unlocked, and sysfs checks
         # only the mode bits: root inside could remount it writable.  The price: with network=False,
         # /sys/class/net shows the host's interfaces (read-only).
-        ops.append(("bind_ro", OLD + "/sys", NEW + "/sys"))
-    _dev(ops, layout, hidden_proc=not key.rootless)
-    ops.append(("mkdirs", NEW + "/tmp"))
-    ops.append(("mount", "tmpfs", NEW + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"))
-    for path, want_cow in layout.needed:
-        if _under(path, "/tmp"):
-            _expose(ops, path, want_cow, key.rootless, counter)
-    for path in key.writable:
-        if key.rootfs is None or _under(path, "/tmp"):
-            ops.extend([("mkdirs", NEW + path), ("bind", OLD + path, NEW + path)])
-    return tuple(ops)
+        ops += [("mkdirs", NEW + "/sys"), ("bind_ro", OLD + "/sys", NEW + "/sys")]
+    return ops
 
 
-def _expose(ops: list[Op], path: str, want_cow: bool, rootless: bool, counter: Iterator[int]) -> None:
-    group: list[Step]
-    if os.path.isdir(path):
-        group = [("mkdirs", NEW + path)]
-        if want_cow:
-            group.append(("cow", OLD + path, NEW + path, next(counter), rootless))
-        else:
-            group.append(("bind_ro", OLD + path, NEW + path))
-    else:
-        group = [("mkdirs", NEW + os.path.dirname(path)), ("touch", NEW + path), ("bind_ro", OLD + path, NEW + path)]
-    ops.append(("optional", path, tuple(group)))
-
-
-def _dev(ops: list[Op], layout: HostLayout, hidden_proc: bool) -> None:
+def _dev(layout: HostLayout, hidden_proc: bool) -> list[Op]:
     dev = NEW + "/dev"
-    ops.append(("mkdirs", dev))
-    # nodev: a node made here opens nothing; the bound nodes below are mounts of their own and keep working.
-    ops.append(("mount", "tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "mode=0755"))
+    ops: list[Op] = [
+        ("mkdirs", dev),
+        # nodev: a node made here opens nothing; the bound nodes below are mounts of their own and keep working.
+        ("mount", "tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "mode=0755"),
+    ]
     if hidden_proc:
         ops.append(("mkdirs", NEW + HIDDEN_PROC + "/proc"))
     for name in layout.dev_nodes:
         ops.append(("touch", f"{dev}/{name}"))
         ops.append(("mount", f"{OLD}/dev/{name}", f"{dev}/{name}", None, sc.MS_BIND, None))
-    ops.append(("mkdir", dev + "/pts", 0o755))
-    ops.append(
-        ("mount", "devpts", dev + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
-    )
-    ops.append(("symlink", "pts/ptmx", dev + "/ptmx"))
-    ops.append(("mkdir", dev + "/shm", 0o1777))
+    ops += [
+        ("mkdir", dev + "/pts", 0o755),
+        ("mount", "devpts", dev + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"),
+        ("symlink", "pts/ptmx", dev + "/ptmx"),
+        ("mkdir", dev + "/shm", 0o1777),
+    ]
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):  # fmt: skip
         ops.append(("symlink", target, f"{dev}/{name}"))
+    return ops
+
+
+def _tmp(layout: HostLayout, key: PlanKey, layers: _Layers) -> list[Op]:
+    """A fresh ``/tmp``, then what must be under it: interpreter or project trees that live in ``/tmp``, and
+    the writable windows (for the host view, all of them: they go last, over whatever the view shows)."""
+    ops: list[Op] = [
+        ("mkdirs", NEW + "/tmp"),
+        ("mount", "tmpfs", NEW + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"),
+    ]
+    ops += [_expose(path, cow, key.rootless, layers) for path, cow in layout.needed if _under(path, "/tmp")]
+    for path in key.writable:
+        if key.rootfs is None or _under(path, "/tmp"):
+            ops += [("mkdirs", NEW + path), ("bind", OLD + path, NEW + path)]
+    return ops
 
 
 # --- child side -------------------------------------------------------------------------------
@@ -376,15 +442,96 @@ def cover_proc(proc: str) -> None:
 
 
 def hide_readonly_proc(root: str) -> None:
-    """A fully visible, read-only proc under an empty read-only tmpfs, so a nested PID namespace may mount one.
+    """A fully visible, read-only proc under a read-only tmpfs, so a nested PID namespace may mount one.
 
     The kernel allows a new proc in a user namespace only if a proc at least as restrictive is fully
     visible; ``/proc`` is not (its covers), this one is.  The tmpfs goes over its parent: a mount on the
-    proc itself would make it "not fully visible" again.
+    proc itself would make it "not fully visible" again.  The tmpfs holds an empty ``proc`` directory, so
+    that every mount point ``/proc/self/mountinfo`` lists exists inside (psutil's ``disk_partitions``
+    stats them all): the hidden proc's own mount point is listed too.
     """
     hidden = root + HIDDEN_PROC
-    sc.mount("proc", hidden + "/proc", "proc", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-    sc.mount("tmpfs", hidden, "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, "size=0")
+    flags = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    sc.mount("proc", hidden + "/proc", "proc", sc.MS_RDONLY | flags)
+    sc.mount("tmpfs", hidden, "tmpfs", flags, "size=4k,nr_inodes=2,mode=0755")
+    os.mkdir(hidden + "/proc", 0o555)
+    sc.mount(None, hidden, None, sc.MS_REMOUNT | sc.MS_RDONLY | flags)
+
+
+def hosts_text(current: str | None, hostname: str) -> str | None:
+    """The container's ``/etc/hosts``: its root's own (Docker's loopback lines where it has none) with the
+    container's hostname mapped to :data:`HOSTNAME_ADDRESS` on the first line, so that a lookup of that
+    address finds it first too (``socket.getfqdn()``); ``None`` when the hostname is named there already."""
+    text = _DEFAULT_HOSTS if current is None else current
+    for line in text.splitlines():
+        names = line.partition("#")[0].split()[1:]
+        if hostname.lower() in (name.lower() for name in names):
+            return None
+    return f"{HOSTNAME_ADDRESS}\t{hostname}\n" + text
+
+
+def write_hosts(hostname: str) -> None:
+    """Make the container's hostname resolve, as Docker does: its own ``/etc/hosts`` names it.
+
+    Called by PID 1 once the hostname is known, before the test.  Written in place when the root can
+    take it: copy-on-write, so the host's file is never touched, and the test may still replace the file
+    as it could in-process.  Where it cannot (the host's ``/etc/hosts`` seen read-only because it is a
+    bind mount on the host, as in Docker; rootless, a file owned by a host uid outside the user
+    namespace's map), a file on the container's own ``/dev`` tmpfs is bound over it instead, as Docker
+    binds its own.  Best effort: a root without ``/etc`` that cannot be made keeps an unresolvable
+    hostname rather than failing the test.
+    """
+    try:
+        current: str | None = _read(HOSTS)
+    except FileNotFoundError:
+        current = None
+    except OSError:
+        return
+    text = hosts_text(current, hostname)
+    if text is None:
+        return
+    try:
+        _write_in_place(HOSTS, text, create=current is None)
+    except OSError:
+        with contextlib.suppress(OSError):
+            _bind_file_over(HOSTS, text)
+
+
+def _read(path: str) -> str:
+    """A small file's text, with plain system calls: this runs on every test's critical path."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "surrogateescape")
+
+
+def _write_in_place(path: str, text: str, create: bool) -> None:
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.dirname(path), 0o755)
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o644)
+    try:
+        os.write(fd, text.encode("utf-8", "surrogateescape"))
+    finally:
+        os.close(fd)
+
+
+def _bind_file_over(path: str, text: str) -> None:
+    """Bind a file holding ``text`` over ``path``; its source, on the container's ``/dev`` tmpfs, is unlinked."""
+    source = f"/dev/.lonely-{os.path.basename(path)}"
+    fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            os.write(fd, text.encode("utf-8", "surrogateescape"))
+        finally:
+            os.close(fd)
+        sc.mount(source, path, None, sc.MS_BIND)
+    finally:
+        os.unlink(source)
 
 
 def _mkdirs(path: str) -> None:
@@ -426,7 +573,13 @@ def _cow(lower: str, target: str, n: int, rootless: bool) -> None:
     os.mkdir(f"/.w{n}", 0o755)
     try:
         # nodev: a device node in a lower layer (or made by a test) must not open the host's device.
-        sc.mount("overlay", target, "overlay", sc.MS_NODEV, _overlay_data(lower, n, rootless))
+        try:
+            sc.mount("overlay", target, "overlay", sc.MS_NODEV, _overlay_data(lower, n, rootless))
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # Linux before 4.17 knows no xino: inode numbers then differ between stat and readdir.
+            sc.mount("overlay", target, "overlay", sc.MS_NODEV, _overlay_data(lower, n, rootless, xino=False))
     except OSError:
         _bind_ro(lower, target)
 

@@ -1,12 +1,13 @@
-"""What the engine needs to know to build one container, decided by the caller before the fork."""
+"""What the engine needs to know to build one container and hand it work, decided by the caller before the fork."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 from . import namespaces, protocol, rootfs
-from .cgroup import Limits
+from .limits import Limits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,21 +33,26 @@ class ContainerSpec:
     usage: bool = False
     #: Host root with every capability (no user namespace, no locked mounts): the old, weaker boundary.
     privileged: bool = False
-    #: fds above 2 the body may keep (pytest's capture files); every other inherited fd is closed inside.
+    #: fds above 2 the body may keep (pytest's capture files); every other inherited fd is held by /dev/null.
     keep_fds: tuple[int, ...] = ()
 
     @property
     def namespaces(self) -> frozenset[str]:
         return namespaces.for_container(rootless=self.rootless, network=self.network)
 
+    @property
+    def shape(self) -> tuple[Any, ...]:
+        """What a container must know before it is built: containers of one shape are interchangeable."""
+        return (self.rootless, self.network, self.plan_key, self.cwd, self.keep_fds, self.privileged)
+
     def tail(self) -> Tail:
-        """What a container built ahead of time learns only when it is handed its work (plain data)."""
+        """What a container learns only when it is handed its work (plain data, it travels in GO)."""
         return (self.id, self.hostname, self.timeout, self.env)
 
-    def with_tail(self, tail: Tail) -> ContainerSpec:
+    def with_tail(self, tail: Any) -> ContainerSpec:
         cid, hostname, timeout, env = tail
         return dataclasses.replace(
-            self, id=cid, hostname=hostname, timeout=timeout, env=tuple((str(k), str(v)) for k, v in env)
+            self, id=cid, hostname=hostname, timeout=float(timeout), env=tuple((str(k), str(v)) for k, v in env)
         )
 
 
@@ -63,7 +69,26 @@ class Inside:
     host_pid: int
     #: What the root filesystem could not show, for the caller to warn about.
     notes: tuple[str, ...]
+    #: This container's own files for what its processes print (stdout, stderr): the parent reads them
+    #: after a crash, and no other container ever writes there.
+    outputs: tuple[int, int] = (-1, -1)
 
 
-#: The work a container does, as its PID 1.  Returning ends the container normally.
+#: The work a container does for one order, as its PID 1.  Returning ends that work normally.
 Body = Callable[[Inside], None]
+#: Turns an order (plain data, sent with GO) into the body, inside the container, in its copy of the caller.
+Factory = Callable[[Any], Body]
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """How a container turns the caller's orders into bodies.
+
+    ``factory`` runs in the container's copy of the caller.  ``key`` names
+    everything in the caller's memory that ``factory`` depends on: a container
+    may come from a zygote (a copy of the caller taken earlier) only while the
+    key is the same as when that zygote was forked.  None: never from a zygote.
+    """
+
+    factory: Factory
+    key: Hashable | None = None

@@ -398,13 +398,11 @@ def test_directory_is_not_a_tarball(tmp_path: Path) -> None:
 
 # --- concurrency ------------------------------------------------------------------------------------------------
 
-# Loads archive.py by file path so the child does not depend on the rest of the package importing cleanly.
+# Imports archive through the package, since it imports sibling engine modules (argv[1], its path, is unused).
 CHILD = """
-import importlib.util, json, os, sys, time
+import json, os, sys, time
 from pathlib import Path
-spec = importlib.util.spec_from_file_location("lonely_archive", sys.argv[1])
-archive = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(archive)
+from pytest_lonely.sandbox import archive
 ready, go, tarball, cache = sys.argv[2:]
 Path(ready).touch()
 deadline = time.monotonic() + 30

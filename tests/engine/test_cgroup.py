@@ -22,19 +22,14 @@ from pathlib import Path
 import pytest
 
 from pytest_lonely.sandbox import _syscalls
-from pytest_lonely.sandbox import cgroup as cg
-from pytest_lonely.sandbox.cgroup import (
+from pytest_lonely.sandbox.cgroup import Cgroup, CgroupError, Manager, enter
+from pytest_lonely.sandbox.cgroupfs import DELEGATE_FIX, Hierarchy, discover_hierarchies
+from pytest_lonely.sandbox.limits import (
     CPUS_ALLOWED,
-    DELEGATE_FIX,
     MEMORY_ALLOWED,
     PIDS_ALLOWED,
-    Cgroup,
-    CgroupError,
-    Hierarchy,
     Limits,
-    Manager,
-    discover_hierarchies,
-    enter,
+    cfs_quota,
     format_bytes,
     parse_cpus,
     parse_memory,
@@ -118,9 +113,9 @@ def test_format_bytes(n: int, text: str) -> None:
 
 
 def test_cfs_quota_stretches_the_period_for_tiny_shares() -> None:
-    assert cg.cfs_quota(1.5) == (150_000, 100_000)
-    assert cg.cfs_quota(0.25) == (25_000, 100_000)
-    assert cg.cfs_quota(0.001) == (1000, 1_000_000)  # 0.1 ms per 100 ms is below the kernel's 1 ms minimum
+    assert cfs_quota(1.5) == (150_000, 100_000)
+    assert cfs_quota(0.25) == (25_000, 100_000)
+    assert cfs_quota(0.001) == (1000, 1_000_000)  # 0.1 ms per 100 ms is below the kernel's 1 ms minimum
 
 
 # --------------------------------------------------------------------------- discovery (pure, made-up layouts)
@@ -713,11 +708,12 @@ def test_missing_v1_controller_message(manager: Manager) -> None:
 
 _ROOTLESS_SCRIPT = """
 from pytest_lonely.sandbox import cgroup
+from pytest_lonely.sandbox.limits import Limits
 m = cgroup.manager()
-assert m.why_not(cgroup.Limits()) is None
-print(m.why_not(cgroup.Limits(memory=64 << 20)))
+assert m.why_not(Limits()) is None
+print(m.why_not(Limits(memory=64 << 20)))
 try:
-    m.create("x", cgroup.Limits(pids=4))
+    m.create("x", Limits(pids=4))
 except cgroup.CgroupError as e:
     print("refused:", e)
 """
@@ -736,7 +732,8 @@ def test_rootless_without_delegation_says_how_to_fix_it() -> None:
         os.makedirs(package)
         for init in (os.path.dirname(package), package):
             open(os.path.join(init, "__init__.py"), "w").close()
-        shutil.copy(ROOT / "pytest_lonely" / "sandbox" / "cgroup.py", package)
+        for module in ("cgroup.py", "cgroupfs.py", "limits.py", "mountinfo.py"):
+            shutil.copy(ROOT / "pytest_lonely" / "sandbox" / module, package)
         for dirpath, _, files in os.walk(base):
             os.chmod(dirpath, 0o755)
             for name in files:

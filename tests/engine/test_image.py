@@ -11,24 +11,22 @@ import sys
 import tarfile
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import images
 
-from pytest_lonely.sandbox import image as image_mod
+from pytest_lonely.sandbox.cache import FileMemo
 from pytest_lonely.sandbox.image import Image, ImageError, detect, goarch, open_image, split_reference
+from pytest_lonely.sandbox.image import layer as image_mod
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def cache(tmp_path: Path) -> Iterator[Path]:
-    """A fresh cache per test, and no in-process memo carried over from another test."""
-    image_mod._memo.clear()
-    yield tmp_path / "cache"
-    image_mod._memo.clear()
+def cache(tmp_path: Path) -> Path:
+    """A fresh cache per test; the in-process memo is the caller's, and these tests pass one only where they say."""
+    return tmp_path / "cache"
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -215,14 +213,15 @@ def test_images_sharing_a_base_layer_share_its_cache_entry(built: images.Images,
 
 
 def test_cached_open_is_cheap(built: images.Images, cache: Path) -> None:
-    first = open_image(built.docker, cache)
+    memo: FileMemo[Image] = FileMemo()
+    first = open_image(built.docker, cache, memo=memo)
     assert first.unpack_seconds > 0
     started = time.perf_counter()
-    again = open_image(built.docker, cache)
+    again = open_image(built.docker, cache, memo=memo)
     memo_hit = time.perf_counter() - started
-    image_mod._memo.clear()  # as in a new process: reads the archive's headers and JSON, unpacks nothing
+    memo.clear()  # as in a new process: reads the archive's headers and JSON, unpacks nothing
     started = time.perf_counter()
-    cold = open_image(built.docker, cache)
+    cold = open_image(built.docker, cache, memo=memo)
     fresh_process = time.perf_counter() - started
     assert again.unpack_seconds == 0.0
     assert cold.unpack_seconds == 0.0

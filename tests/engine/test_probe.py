@@ -347,7 +347,7 @@ def test_probe_reports_silent_death(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(probe_mod, "_child_main", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
     result = probe(rootless=True)
     assert not result.ok
-    assert "was killed by SIGKILL without a report" in result.reason
+    assert "exited with signal 9 (SIGKILL) without a report" in result.reason
 
 
 @linux

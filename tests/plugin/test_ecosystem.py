@@ -85,8 +85,8 @@ import pytest_lonely.sandbox.archive as archive
 _real_unpack = archive.unpack
 
 
-def _logged_unpack(tarball, cache_root):
-    dest, extracted = _real_unpack(tarball, cache_root)
+def _logged_unpack(tarball, cache_root, **kwargs):
+    dest, extracted = _real_unpack(tarball, cache_root, **kwargs)
     with open(os.environ["LONELY_UNPACK_LOG"], "a") as log:
         log.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'serial')} {int(extracted)}\\n")
     return dest, extracted

@@ -335,8 +335,8 @@ def _free_port() -> int:
 @pytest.mark.parametrize(
     ("variable", "value", "allowed"),
     [
-        ("PYTEST_LONELY_PREBUILD", "yes", "use 1 (default), namespaces or 0"),
-        ("PYTEST_LONELY_PREFAULT", "2", "1 (default) or 0"),
+        ("PYTEST_LONELY_PREBUILD", "yes", "use 1 (default) or 0"),
+        ("PYTEST_LONELY_PREBUILD", "namespaces", "use 1 (default) or 0"),
     ],
 )
 def test_a_bad_tuning_variable_is_a_usage_error(
@@ -353,8 +353,9 @@ def _no_limits() -> str | None:
     if os.geteuid() != 0:
         return "root mode: creating cgroups needs root here"
     from pytest_lonely.sandbox import cgroup
+    from pytest_lonely.sandbox.limits import Limits
 
-    return cgroup.manager().why_not(cgroup.Limits(memory=64 << 20, pids=16))
+    return cgroup.manager().why_not(Limits(memory=64 << 20, pids=16))
 
 
 @scenario(

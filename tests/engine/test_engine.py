@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_lonely.sandbox import launcher, protocol, rootfs
-from pytest_lonely.sandbox.spec import ContainerSpec, Inside
-from pytest_lonely.sandbox.zygote import Warm
+from pytest_lonely.sandbox import engine as engine_mod
+from pytest_lonely.sandbox import protocol, rootfs
+from pytest_lonely.sandbox.spec import ContainerSpec, Inside, Work
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the engine is driven in root mode here")
@@ -18,12 +18,12 @@ def test_engine_runs_warm_containers_and_leaves_nothing(tmp_path: Path) -> None:
     layout = rootfs.HostLayout.scan(tmp_path)
     key = rootfs.PlanKey(None, False, True)
     plan = rootfs.plan(layout, key)
-    engine = launcher.Engine(rootless=False)
+    engine = engine_mod.Engine(rootless=False)
     seen: list[object] = []
 
     def factory(order: object) -> object:
         def body(inside: Inside) -> None:
-            inside.send(protocol.Kind.WARNING, {"order": order, "pid": os.getpid()})
+            inside.send(protocol.Kind.WARNING, {"order": order, "pid": os.getpid(), "ppid": os.getppid()})
 
         return body
 
@@ -35,13 +35,15 @@ def test_engine_runs_warm_containers_and_leaves_nothing(tmp_path: Path) -> None:
             )  # fmt: skip
             outcome = engine.run(
                 spec,
-                factory(("direct", i)),  # type: ignore[arg-type]
+                Work(factory=factory, key="k"),  # type: ignore[arg-type]
+                ["order", i],
                 lambda kind, payload: seen.append(payload),
-                warm=Warm(key="k", order=("warm", i), factory=factory),  # type: ignore[arg-type]
             )
             assert outcome.kind == "done", outcome
-        assert [p["order"] for p in seen] == [("direct", 0), ("warm", 1), ("warm", 2), ("warm", 3)]  # type: ignore[index]
-        assert all(p["pid"] == 1 for p in seen)  # type: ignore[index]
+        # The first container is forked from here, the next ones from the zygote made for the second.
+        assert [p["order"] for p in seen] == [["order", i] for i in range(4)]  # type: ignore[index]
+        assert all(p["pid"] == 1 and p["ppid"] == 0 for p in seen)  # type: ignore[index]
+        assert engine.zygotes.zygote is not None
         assert engine.unreaped
     finally:
         engine.close()
