@@ -36,15 +36,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_ROOTFS, Case, parse_junit
-from rootless_env import (
+from helpers.host import FIXTURE_ROOTFS
+from helpers.inner import Case, parse_junit
+from helpers.rootless_env import (
     CLEAN_ENV,
     NOBODY,
-    SYSTEM_PYTHON,
-    SystemPythonUnfit,
-    build_venv,
+    XDIST_GROUP,
+    Env,
     chown_tree,
-    readable_by_others,
     world_tempdir,
 )
 
@@ -201,34 +200,15 @@ class Box:
         return InnerRun(proc.returncode, log.read_text(errors="replace"), parse_junit(project / "report.xml"))
 
 
-@pytest.fixture(scope="module")
-def rootless_base() -> Iterator[tuple[Path, Path, Path]]:
-    """The interpreter and skeleton uid 65534 can read (see rootless_env.py), built once for this module."""
-    if not SYSTEM_PYTHON.exists() or not shutil.which("setpriv"):
-        pytest.skip(f"{SYSTEM_PYTHON} and setpriv are needed to run pytest as uid 65534")
-    base = world_tempdir("lonely-boundary-")
-    try:
-        try:
-            python = build_venv(base / "venv")
-        except SystemPythonUnfit as exc:
-            pytest.skip(str(exc))
-        skeleton = FIXTURE_ROOTFS
-        if not readable_by_others(FIXTURE_ROOTFS):
-            skeleton = Path(shutil.copytree(FIXTURE_ROOTFS, base / "skeleton", symlinks=True))
-        yield base, python, skeleton
-    finally:
-        shutil.rmtree(base)
-
-
-@pytest.fixture(params=["root", "rootless"])
+@pytest.fixture(params=["root", pytest.param("rootless", marks=XDIST_GROUP)])
 def box(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Box]:
     if request.param == "root":
         yield Box("root", tmp_path, Path(sys.executable), FIXTURE_ROOTFS)
         return
-    _, python, skeleton = request.getfixturevalue("rootless_base")
+    nobody_env: Env = request.getfixturevalue("nobody_env")
     runs = world_tempdir("lonely-boundary-runs-")
     try:
-        yield Box("rootless", runs, python, skeleton)
+        yield Box("rootless", runs, nobody_env.python, nobody_env.skeleton)
     finally:
         shutil.rmtree(runs)
 
@@ -239,11 +219,10 @@ def root_box(tmp_path: Path) -> Box:
 
 
 @pytest.fixture
-def rootless_box(rootless_base: tuple[Path, Path, Path]) -> Iterator[Box]:
-    _, python, skeleton = rootless_base
+def rootless_box(nobody_env: Env) -> Iterator[Box]:
     runs = world_tempdir("lonely-boundary-runs-")
     try:
-        yield Box("rootless", runs, python, skeleton)
+        yield Box("rootless", runs, nobody_env.python, nobody_env.skeleton)
     finally:
         shutil.rmtree(runs)
 

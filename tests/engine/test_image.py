@@ -13,23 +13,14 @@ import textwrap
 import time
 from pathlib import Path
 
-import images
 import pytest
+from helpers import images
 
 from pytest_lonely.sandbox.cache import FileMemo
 from pytest_lonely.sandbox.image import Image, ImageError, detect, goarch, open_image, split_reference
 from pytest_lonely.sandbox.image import layer as image_mod
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> images.Images:
-    """Every form of the test image, made once per session (about a second)."""
-    missing = images.missing_tools()
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (apt-get install umoci skopeo busybox-static)")
-    return images.build(tmp_path_factory.mktemp("images"))
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Probes that run INSIDE an isolated test, for tests/test_boundary.py.
+"""Probes that run INSIDE an isolated test, for tests/plugin/test_boundary.py.
 
 This module is copied into each inner project and imported by the inner
 tests; it must not import pytest-lonely or anything of the outer suite.

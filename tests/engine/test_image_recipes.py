@@ -24,7 +24,7 @@ from pytest_lonely.sandbox.image import DOCKER_DIR, ImageError
 from pytest_lonely.sandbox.image.manifest import choose
 from pytest_lonely.sandbox.image.source import open_source
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SANDBOX = REPO / "pytest_lonely" / "sandbox"
 
 

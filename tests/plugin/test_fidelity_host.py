@@ -28,20 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BUSYBOX, BUSYBOX_APPLETS, FIXTURE_ROOTFS, parse_junit
-from rootless_env import (
+from helpers.host import BUSYBOX, BUSYBOX_APPLETS, FIXTURE_ROOTFS
+from helpers.inner import parse_junit
+from helpers.rootless_env import (
     CLEAN_ENV,
     NOBODY,
-    SYSTEM_PYTHON,
-    SystemPythonUnfit,
+    XDIST_GROUP,
+    Env,
     build_busybox_root,
-    build_venv,
     chown_tree,
     make_world_readable,
     world_tempdir,
 )
-
-from pytest_lonely.sandbox import rootfs
 
 needs_root = pytest.mark.skipif(
     sys.platform != "linux" or os.geteuid() != 0, reason="needs Linux and root (rootless runs as uid 65534)"
@@ -283,20 +281,6 @@ class Session:
 
 
 @pytest.fixture(scope="module")
-def rootless_python() -> Iterator[Path]:
-    if not SYSTEM_PYTHON.exists() or not shutil.which("setpriv"):
-        pytest.skip(f"{SYSTEM_PYTHON} and setpriv are needed to run pytest as uid 65534")
-    base = world_tempdir("lonely-fidelity-venv-")
-    try:
-        try:
-            yield build_venv(base / "venv")
-        except SystemPythonUnfit as exc:
-            pytest.skip(str(exc))
-    finally:
-        shutil.rmtree(base)
-
-
-@pytest.fixture(scope="module")
 def host_hosts() -> Iterator[tuple[bytes, int]]:
     """The host's /etc/hosts before any inner session; it must be the same after all of them."""
     before = (Path("/etc/hosts").read_bytes(), os.stat("/etc/hosts").st_mtime_ns)
@@ -304,11 +288,14 @@ def host_hosts() -> Iterator[tuple[bytes, int]]:
     assert (Path("/etc/hosts").read_bytes(), os.stat("/etc/hosts").st_mtime_ns) == before
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(
+    scope="module", params=[pytest.param(m, marks=XDIST_GROUP) if m.startswith("rootless") else m for m in MODES]
+)
 def session(request: pytest.FixtureRequest, host_hosts: tuple[bytes, int]) -> Iterator[Session]:
     mode: str = request.param
     rootless = mode.startswith("rootless")
-    python = request.getfixturevalue("rootless_python") if rootless else Path(sys.executable)
+    nobody_env: Env | None = request.getfixturevalue("nobody_env") if rootless else None
+    python = nobody_env.python if nobody_env is not None else Path(sys.executable)
     base = world_tempdir("lonely-fidelity-")
     try:
         roots = make_roots(base / "roots", rootless)
@@ -439,27 +426,3 @@ def test_disk_usage_reports_the_test_layer(session: Session) -> None:
         assert total > 0, f"{session.mode}/{kind}"
         assert total >= used, f"{session.mode}/{kind}"
         assert facts["disk"]["grew"] >= WRITTEN, f"{session.mode}/{kind}: {facts['disk']}"
-
-
-# --------------------------------------------------------------------------- the hosts file's text
-
-
-def test_hosts_text_puts_the_hostname_first() -> None:
-    text = rootfs.hosts_text("127.0.0.1 localhost\n127.0.1.1 hostbox.example hostbox\n", "web-1")
-    assert text == "127.0.1.1\tweb-1\n127.0.0.1 localhost\n127.0.1.1 hostbox.example hostbox\n"
-
-
-def test_hosts_text_without_a_file_has_dockers_loopback_lines() -> None:
-    text = rootfs.hosts_text(None, "web-1")
-    assert text == "127.0.1.1\tweb-1\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-
-
-@pytest.mark.parametrize("hostname", ["localhost", "LocalHost", "hostbox", "alias"])
-def test_hosts_text_leaves_a_file_that_names_the_hostname_alone(hostname: str) -> None:
-    current = "127.0.0.1 localhost\n10.0.0.1 hostbox alias # not: web-1\n"
-    assert rootfs.hosts_text(current, hostname) is None
-    assert rootfs.hosts_text(current, "web-1") is not None  # a name in a comment names nothing
-
-
-def test_the_engine_writes_are_listed_in_one_place() -> None:
-    assert rootfs.HOSTS in rootfs.ENGINE_WRITES

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+from helpers.host import BUSYBOX
+
 APPLETS = ("sh", "ls", "cat", "echo", "true", "env")
 TOOLS = ("umoci", "skopeo", "tar")
 

@@ -16,25 +16,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import parse_junit
-from rootless_env import (
-    CLEAN_ENV,
-    NOBODY,
-    SYSTEM_PYTHON,
-    SystemPythonUnfit,
-    build_venv,
-    chown_tree,
-    world_tempdir,
-)
-
-RunLonely = Callable[..., pytest.RunResult]
+from helpers.inner import RunLonely, parse_junit
+from helpers.rootless_env import CLEAN_ENV, NOBODY, Env
 
 MiB = 2**20
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -642,32 +631,10 @@ def test_wants_none(container):
 """
 
 
-@pytest.fixture(scope="module")
-def nobody_python() -> Iterator[tuple[Path, Path]]:
-    """(interpreter uid 65534 can run, a world-readable base directory), removed at the end."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to become uid 65534")
-    if not SYSTEM_PYTHON.exists() or not shutil.which("setpriv"):
-        pytest.skip(f"needs {SYSTEM_PYTHON} and setpriv to run pytest as uid 65534")
-    base = world_tempdir("lonely-limits-")
-    try:
-        try:
-            python = build_venv(base / "venv")
-        except SystemPythonUnfit as exc:
-            pytest.skip(str(exc))
-        yield python, base
-    finally:
-        shutil.rmtree(base)
-
-
-def test_rootless_refuses_limits_with_the_fix_and_runs_the_rest(nobody_python: tuple[Path, Path]) -> None:
-    python, base = nobody_python
-    project = base / "project"
-    project.mkdir()
-    (project / "test_rootless_limits.py").write_text(ROOTLESS_TESTS)
-    chown_tree(project, NOBODY, NOBODY)
-    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(python), "-m", "pytest"]
-    cmd += ["-p", "lonely", "-p", "no:cacheprovider", *JUNIT, "--lonely-usage=0"]
+def test_rootless_refuses_limits_with_the_fix_and_runs_the_rest(nobody_env: Env) -> None:
+    project = nobody_env.project("limits", {"test_rootless_limits.py": ROOTLESS_TESTS})
+    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(nobody_env.python)]
+    cmd += ["-m", "pytest", "-p", "lonely", "-p", "no:cacheprovider", *JUNIT, "--lonely-usage=0"]
     done = subprocess.run(
         cmd,
         check=False,

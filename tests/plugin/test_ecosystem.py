@@ -19,18 +19,18 @@ import sys
 import tarfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_ROOTFS, requires_plugin, unique_sleeps
+from helpers.host import FIXTURE_ROOTFS
+from helpers.inner import RunLonely, requires_plugin, unique_sleeps
 
 needs_xdist = requires_plugin("pytest-xdist", "xdist")
 needs_cov = requires_plugin("pytest-cov", "pytest_cov")
 needs_timeout = requires_plugin("pytest-timeout", "pytest_timeout")
 needs_reruns = requires_plugin("pytest-rerunfailures", "pytest_rerunfailures")
 
-RunLonely = Callable[..., pytest.RunResult]
 
 HEX12 = r"[0-9a-f]{12}"
 

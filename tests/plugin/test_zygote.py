@@ -1,9 +1,10 @@
 """Containers forked ahead of time by a zygote behave exactly like containers forked from pytest.
 
-Each scenario runs in real pytest sessions twice: with the zygote (the
-default) and with ``PYTEST_LONELY_PREBUILD=0``, where every container is
-forked from pytest itself, and both must give the same outcome for every
-test.  The scenarios are the ways a snapshot of pytest taken at one test could
+Every scenario is a test module; all of them run in one real pytest session
+per mode: with the zygote (the default) and with ``PYTEST_LONELY_PREBUILD=0``,
+where every container is forked from pytest itself, and both must give the
+same outcome for every test.  Each test below checks its own scenario (the
+module registered by its ``@scenario``).  The scenarios are the ways a snapshot of pytest taken at one test could
 be stale at a later one: broader fixtures that change, the setup stack, a test
 that runs in-process in between, the warnings filters of one test's marks,
 and descriptors that a fixture closes in the parent.
@@ -11,55 +12,125 @@ and descriptors that a fixture closes in the parent.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import subprocess
+import sys
 import textwrap
-from pathlib import Path
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
-from conftest import parse_junit
-
-from pytest_lonely.sandbox import engine as engine_mod
-from pytest_lonely.sandbox import protocol, rootfs
-from pytest_lonely.sandbox.spec import ContainerSpec, Inside, Work
+from helpers.inner import junit_cases
 
 MODES = {"zygote": "1", "direct": "0"}
+INNER_ARGS = ("-p", "lonely", "-p", "no:cacheprovider", "-p", "no:randomly")
 
 
-def outcomes(pytester: pytest.Pytester, source: str, *args: str, mode: str) -> tuple[dict[str, str], str]:
-    """Run ``source`` as a test module; every test's outcome and message, and the session's output."""
-    pytester.makepyfile(test_scenario=textwrap.dedent(source))
-    xml = pytester.path / f"junit-{mode}.xml"
-    env = {"PYTEST_LONELY_PREBUILD": MODES[mode]}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        result = pytester.runpytest_subprocess(
-            "-p", "lonely", "-p", "no:cacheprovider", "-p", "no:randomly", f"--junitxml={xml}", *args, timeout=120
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    source: str
+    modes: tuple[str, ...]
+    #: Why this scenario cannot run here (evaluated when the sessions start), or None.
+    unavailable: Callable[[], str | None]
+    #: It must see pytest as a fresh session does (it looks at pytest's children): it runs first.
+    first: bool
+
+
+#: The test that checks a scenario -> the scenario.  Each is a module of its own in ONE session per mode.
+SCENARIOS: dict[str, Scenario] = {}
+
+Test = TypeVar("Test", bound=Callable[..., None])
+
+
+def scenario(
+    source: str,
+    *,
+    modes: tuple[str, ...] = tuple(MODES),
+    unavailable: Callable[[], str | None] = lambda: None,
+    first: bool = False,
+) -> Callable[[Test], Test]:
+    """Register ``source`` as the test module that the decorated test checks the outcomes of."""
+
+    def register(test: Test) -> Test:
+        assert not (first and any(sc.first for sc in SCENARIOS.values())), "only one scenario can run first"
+        SCENARIOS[test.__name__] = Scenario(textwrap.dedent(source), modes, unavailable, first)
+        return test
+
+    return register
+
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    output: str
+    #: module name -> test name -> outcome
+    outcomes: dict[str, dict[str, str]]
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Session], dict[str, str]]:
+    """Every scenario as a module of one real pytest session per mode; and why a scenario did not run.
+
+    pytester is per test; these sessions are shared by the module's tests, so they run in a subprocess here as
+    ``pytester.runpytest_subprocess`` would: a project directory of their own, none of the outer session's
+    PYTEST_ADDOPTS or xdist variables.
+    """
+    project = tmp_path_factory.mktemp("zygote-scenarios")
+    port = str(_free_port())
+    skipped = {name: why for name, sc in SCENARIOS.items() if (why := sc.unavailable()) is not None}
+    for name, sc in SCENARIOS.items():
+        if name not in skipped:
+            (project / f"{name}.py").write_text(sc.source.replace("__PORT__", port))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_ADDOPTS", "PYTEST_XDIST_"))}
+    env["HOME"] = str(project)
+    runs = {}
+    for mode, value in MODES.items():
+        order = sorted(SCENARIOS.items(), key=lambda item: not item[1].first)
+        files = [f"{name}.py" for name, sc in order if mode in sc.modes and name not in skipped]
+        xml = project / f"junit-{mode}.xml"
+        args = [*INNER_ARGS, f"--junitxml={xml}", f"--basetemp={project / f'basetemp-{mode}'}", *files]
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", *args],
+            cwd=project,
+            env={**env, "PYTEST_LONELY_PREBUILD": value},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    output = result.stdout.str() + result.stderr.str()
-    assert "INTERNALERROR" not in output, output
-    cases = parse_junit(xml)
-    return {name: case.outcome for name, case in cases.items()}, output
+        output = done.stdout + done.stderr
+        assert "INTERNALERROR" not in output, output
+        grouped: dict[str, dict[str, str]] = {}
+        for classname, name, case in junit_cases(xml):
+            grouped.setdefault(classname.split(".")[0], {})[name] = case.outcome
+        runs[mode] = Session(output, grouped)
+    return runs, skipped
 
 
-def same_in_both(pytester: pytest.Pytester, source: str, expected: dict[str, str], *args: str) -> None:
+#: mode -> (test name -> outcome in one scenario, the output of the whole session)
+Outcomes = dict[str, tuple[dict[str, str], str]]
+
+
+@pytest.fixture
+def outcomes(request: pytest.FixtureRequest, sessions: tuple[dict[str, Session], dict[str, str]]) -> Outcomes:
+    """mode -> (every test's outcome in the requesting test's scenario, the session's output)."""
+    runs, skipped = sessions
+    name = request.function.__name__
+    if name in skipped:
+        pytest.skip(skipped[name])
+    return {mode: (runs[mode].outcomes.get(name, {}), runs[mode].output) for mode in SCENARIOS[name].modes}
+
+
+def same_in_both(outcomes: Outcomes, expected: dict[str, str]) -> None:
     for mode in MODES:
-        got, output = outcomes(pytester, source, *args, mode=mode)
+        got, output = outcomes[mode]
         assert got == expected, f"{mode}: {got}\n{output}"
 
 
-def test_a_changing_module_fixture_is_seen_by_every_test(pytester: pytest.Pytester) -> None:
-    """Params of a module fixture switch in the parent; a container may never show the old value."""
-    same_in_both(
-        pytester,
-        """
+@scenario(
+    """
         import pytest
 
         SETUPS = []
@@ -74,15 +145,18 @@ def test_a_changing_module_fixture_is_seen_by_every_test(pytester: pytest.Pytest
         def test_letter(letter, i, request):
             assert letter == request.node.callspec.params["letter"]
             assert SETUPS[-1] == letter and len(SETUPS) == (1 if letter == "a" else 2)
-        """,
+    """
+)
+def test_a_changing_module_fixture_is_seen_by_every_test(outcomes: Outcomes) -> None:
+    """Params of a module fixture switch in the parent; a container may never show the old value."""
+    same_in_both(
+        outcomes,
         {f"test_letter[{letter}-{i}]": "passed" for letter in "ab" for i in range(3)},
     )
 
 
-def test_classes_and_their_fixtures(pytester: pytest.Pytester) -> None:
-    same_in_both(
-        pytester,
-        """
+@scenario(
+    """
         import pytest
 
         @pytest.fixture(scope="class")
@@ -102,16 +176,17 @@ def test_classes_and_their_fixtures(pytester: pytest.Pytester) -> None:
         @pytest.mark.isolated
         def test_outside(request):
             assert request.cls is None
-        """,
+    """
+)
+def test_classes_and_their_fixtures(outcomes: Outcomes) -> None:
+    same_in_both(
+        outcomes,
         {"test_a": "passed", "test_b": "passed", "test_outside": "passed"},
     )
 
 
-def test_a_test_in_process_in_between_is_seen(pytester: pytest.Pytester) -> None:
-    """What an in-process test changes in pytest's memory, the next container inherits, as from a fork."""
-    same_in_both(
-        pytester,
-        """
+@scenario(
+    """
         import os
         import pytest
 
@@ -132,18 +207,21 @@ def test_a_test_in_process_in_between_is_seen(pytester: pytest.Pytester) -> None
         @pytest.mark.isolated
         def test_after(i):
             assert STATE == ["kept"]
-        """,
+    """,
+    first=True,
+)
+def test_a_test_in_process_in_between_is_seen(outcomes: Outcomes) -> None:
+    """What an in-process test changes in pytest's memory, the next container inherits, as from a fork."""
+    same_in_both(
+        outcomes,
         {"test_before[0]": "passed", "test_before[1]": "passed", "test_before[2]": "passed",
          "test_in_process": "passed",
          "test_after[0]": "passed", "test_after[1]": "passed", "test_after[2]": "passed"},
     )  # fmt: skip
 
 
-def test_each_test_gets_its_own_warning_filters(pytester: pytest.Pytester) -> None:
-    """A test's ``filterwarnings`` marks live in the process state a container inherits; they must not spill."""
-    same_in_both(
-        pytester,
-        """
+@scenario(
+    """
         import warnings
         import pytest
 
@@ -167,17 +245,18 @@ def test_each_test_gets_its_own_warning_filters(pytester: pytest.Pytester) -> No
 
         def test_plain_3():
             warnings.warn("just a warning")
-        """,
+    """
+)
+def test_each_test_gets_its_own_warning_filters(outcomes: Outcomes) -> None:
+    """A test's ``filterwarnings`` marks live in the process state a container inherits; they must not spill."""
+    same_in_both(
+        outcomes,
         {name: "passed" for name in ("test_plain_1", "test_strict_1", "test_strict_2", "test_plain_2", "test_plain_3")},
     )
 
 
-def test_what_a_fixture_closes_in_the_parent_is_closed(pytester: pytest.Pytester) -> None:
-    """A copy of pytest must not hold a fixture's descriptors open: no hang on a pipe, no port in use."""
-    port = _free_port()
-    same_in_both(
-        pytester,
-        f"""
+@scenario(
+    """
         import socket
         import subprocess
         import sys
@@ -194,7 +273,7 @@ def test_what_a_fixture_closes_in_the_parent_is_closed(pytester: pytest.Pytester
         @pytest.fixture(scope="module", params=[1, 2])
         def server(request):
             s = socket.socket()
-            s.bind(("127.0.0.1", {port}))
+            s.bind(("127.0.0.1", __PORT__))
             s.listen()
             yield s
             s.close()
@@ -203,16 +282,18 @@ def test_what_a_fixture_closes_in_the_parent_is_closed(pytester: pytest.Pytester
         @pytest.mark.isolated
         def test_uses_them(reader, server, i):
             assert reader.returncode is None and server.fileno() >= 0
-        """,
+    """
+)
+def test_what_a_fixture_closes_in_the_parent_is_closed(outcomes: Outcomes) -> None:
+    """A copy of pytest must not hold a fixture's descriptors open: no hang on a pipe, no port in use."""
+    same_in_both(
+        outcomes,
         {f"test_uses_them[{p}-{i}]": "passed" for p in (1, 2) for i in range(3)},
     )
 
 
-def test_hostname_timeout_and_crash_per_test(pytester: pytest.Pytester) -> None:
-    """What a container learns only when it is handed its test: its hostname, timeout; and how it ended."""
-    got, output = outcomes(
-        pytester,
-        """
+@scenario(
+    """
         import ctypes
         import socket
         import time
@@ -237,9 +318,12 @@ def test_hostname_timeout_and_crash_per_test(pytester: pytest.Pytester) -> None:
 
         def test_after():
             pass
-        """,
-        mode="zygote",
-    )
+    """,
+    modes=("zygote",),
+)
+def test_hostname_timeout_and_crash_per_test(outcomes: Outcomes) -> None:
+    """What a container learns only when it is handed its test: its hostname, timeout; and how it ended."""
+    got, output = outcomes["zygote"]
     assert got == {
         **{f"test_hostname[{i}]": "passed" for i in range(3)},
         "test_chosen": "passed",
@@ -255,47 +339,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-# --- the engine alone --------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="the engine is driven in root mode here")
-def test_engine_runs_warm_containers_and_leaves_nothing(tmp_path: Path) -> None:
-    """The second run with a key starts a zygote; its containers run the order given to them, in turn."""
-    layout = rootfs.HostLayout.scan(tmp_path)
-    key = rootfs.PlanKey(None, False, True)
-    plan = rootfs.plan(layout, key)
-    engine = engine_mod.Engine(rootless=False)
-    seen: list[object] = []
-
-    def factory(order: object) -> object:
-        def body(inside: Inside) -> None:
-            inside.send(protocol.Kind.WARNING, {"order": order, "pid": os.getpid(), "ppid": os.getppid()})
-
-        return body
-
-    try:
-        for i in range(4):
-            spec = ContainerSpec(
-                id=f"c{i}", hostname=f"h{i}", rootless=False, network=True, plan_key=key, plan=plan, timeout=0,
-                cwd="/",
-            )  # fmt: skip
-            outcome = engine.run(
-                spec,
-                Work(factory=factory, key="k"),  # type: ignore[arg-type]
-                ["order", i],
-                lambda kind, payload: seen.append(payload),
-            )
-            assert outcome.kind == "done", outcome
-        # The first container is forked from here, the next ones from the zygote made for the second.
-        assert [p["order"] for p in seen] == [["order", i] for i in range(4)]  # type: ignore[index]
-        assert all(p["pid"] == 1 and p["ppid"] == 0 for p in seen)  # type: ignore[index]
-        assert engine.zygotes.zygote is not None
-        assert engine.unreaped
-    finally:
-        engine.close()
-    assert not engine.unreaped
 
 
 @pytest.mark.parametrize(
@@ -315,18 +358,17 @@ def test_a_bad_tuning_variable_is_a_usage_error(
     result.stderr.fnmatch_lines([f"*{variable}={value!r} from the environment*{allowed}*"])
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="root mode: creating cgroups needs root here")
-def test_limits_hold_in_containers_from_the_zygote(pytester: pytest.Pytester) -> None:
-    """As root, a container built ahead of time is moved into its cgroup before GO: the limit still applies."""
+def _no_limits() -> str | None:
+    if os.geteuid() != 0:
+        return "root mode: creating cgroups needs root here"
     from pytest_lonely.sandbox import cgroup
     from pytest_lonely.sandbox.limits import Limits
 
-    why = cgroup.manager().why_not(Limits(memory=64 << 20, pids=16))
-    if why is not None:
-        pytest.skip(why)
-    same_in_both(
-        pytester,
-        """
+    return cgroup.manager().why_not(Limits(memory=64 << 20, pids=16))
+
+
+@scenario(
+    """
         import os
         import time
         import pytest
@@ -353,7 +395,13 @@ def test_limits_hold_in_containers_from_the_zygote(pytester: pytest.Pytester) ->
         @pytest.mark.parametrize("i", range(3))
         def test_small(i):
             assert len(bytearray(8 * 2**20)) == 8 * 2**20
-        """,
+    """,
+    unavailable=_no_limits,
+)
+def test_limits_hold_in_containers_from_the_zygote(outcomes: Outcomes) -> None:
+    """As root, a container built ahead of time is moved into its cgroup before GO: the limit still applies."""
+    same_in_both(
+        outcomes,
         {
             **{f"test_too_big[{i}]": "failed" for i in range(3)},
             **{f"test_too_many[{i}]": "passed" for i in range(3)},
@@ -362,11 +410,8 @@ def test_limits_hold_in_containers_from_the_zygote(pytester: pytest.Pytester) ->
     )
 
 
-def test_tests_skipped_by_a_marker_do_not_break_a_group(pytester: pytest.Pytester) -> None:
-    """A skip marker runs none of the test's code: the zygote stays, and the outcomes are the same."""
-    same_in_both(
-        pytester,
-        """
+@scenario(
+    """
         import os
         import pytest
 
@@ -388,7 +433,12 @@ def test_tests_skipped_by_a_marker_do_not_break_a_group(pytester: pytest.Pyteste
 
         def test_after():
             assert os.getpid() == 1
-        """,
+    """
+)
+def test_tests_skipped_by_a_marker_do_not_break_a_group(outcomes: Outcomes) -> None:
+    """A skip marker runs none of the test's code: the zygote stays, and the outcomes are the same."""
+    same_in_both(
+        outcomes,
         {
             **{f"test_mixed[{i}]": "skipped" if i % 2 else "passed" for i in range(6)},
             "test_marked": "skipped",

@@ -21,35 +21,27 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BUSYBOX, BUSYBOX_APPLETS, FIXTURE_ROOTFS, Case, parse_junit
-from rootless_env import (
+from helpers.host import mount_table
+from helpers.inner import Case, RunLonely, parse_junit
+from helpers.rootless_env import (
     CLEAN_ENV,
     NOBODY,
     SYSTEM_PYTHON,
-    SystemPythonUnfit,
-    build_busybox_root,
-    build_venv,
-    chown_tree,
+    Env,
     cmdline,
     descendants,
     procs,
-    readable_by_others,
     started_in,
     status_field,
-    world_tempdir,
 )
-
-RunLonely = Callable[..., pytest.RunResult]
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or os.geteuid() != 0, reason="needs Linux and root (to become uid 65534 and map IDs)"
@@ -64,48 +56,6 @@ INNER_ARGS = (
 # --------------------------------------------------------------------------- plumbing
 
 
-@dataclasses.dataclass(frozen=True)
-class Env:
-    base: Path
-    python: Path
-    skeleton: Path
-    busybox_root: Path | None
-
-    def project(self, name: str, files: dict[str, str]) -> Path:
-        """A project directory owned by uid 65534, as a user's checkout would be."""
-        path = self.base / name
-        path.mkdir()
-        for rel, text in files.items():
-            (path / rel).write_text(text)
-        chown_tree(path, NOBODY, NOBODY)
-        return path
-
-
-@pytest.fixture(scope="session")
-def env() -> Iterator[Env]:
-    """Everything uid 65534 needs, in one world-readable directory under /tmp, removed at the end."""
-    if not SYSTEM_PYTHON.exists():
-        pytest.skip(f"{SYSTEM_PYTHON} is missing: the rootless tests run Debian's python3 as uid 65534")
-    if not shutil.which("setpriv"):
-        pytest.skip("setpriv (util-linux) is missing: it runs pytest as uid 65534")
-    base = world_tempdir("lonely-rootless-")
-    try:
-        try:
-            python = build_venv(base / "venv")
-        except SystemPythonUnfit as exc:
-            pytest.skip(str(exc))
-        skeleton = FIXTURE_ROOTFS
-        if not readable_by_others(FIXTURE_ROOTFS):  # the checkout sits under a private home directory
-            skeleton = Path(shutil.copytree(FIXTURE_ROOTFS, base / "skeleton", symlinks=True))
-        busybox_root = None
-        if os.path.exists(BUSYBOX):
-            busybox_root = build_busybox_root(base / "busybox-root", BUSYBOX, BUSYBOX_APPLETS)
-        yield Env(base, python, skeleton, busybox_root)
-    finally:
-        shutil.rmtree(base)
-        assert not base.exists()
-
-
 def header(output: str) -> str:
     lines = [line for line in output.splitlines() if line.startswith("lonely:")]
     assert len(lines) == 1, output
@@ -114,11 +64,6 @@ def header(output: str) -> str:
 
 def as_nobody(python: Path) -> list[str]:
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(python), *INNER_ARGS]
-
-
-def mount_table() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return sorted(" ".join(line.split()[4:]) for line in f)
 
 
 def nobody_entries_in_tmp() -> set[str]:
@@ -320,7 +265,7 @@ def _find_waiting_pid1(pytest_pid: int) -> tuple[int, str] | None:
 
 
 @pytest.fixture(scope="module")
-def rootless_run(env: Env) -> RootlessRun:
+def rootless_run(nobody_env: Env) -> RootlessRun:
     """One inner session as uid 65534 with every rootless check; the host is watched while it runs."""
     passwd = os.stat("/etc/passwd")
     assert (passwd.st_uid, passwd.st_gid) == (0, 0), "the overflow-ID check needs a root-owned /etc/passwd"
@@ -332,21 +277,21 @@ def rootless_run(env: Env) -> RootlessRun:
         overflow = int(f.read()), int(g.read())
     constants = ROOTLESS_CONSTANTS.format(
         uniq=uniq,
-        skeleton=str(env.skeleton),
-        busybox=None if env.busybox_root is None else str(env.busybox_root),
+        skeleton=str(nobody_env.skeleton),
+        busybox=None if nobody_env.busybox_root is None else str(nobody_env.busybox_root),
         port=holder.getsockname()[1],
         overflow_uid=overflow[0],
         overflow_gid=overflow[1],
     )
-    project = env.project("rootless", {"test_inner.py": constants + ROOTLESS_TESTS})
+    project = nobody_env.project("rootless", {"test_inner.py": constants + ROOTLESS_TESTS})
     mounts_before = mount_table()
     tmp_before = nobody_entries_in_tmp()
-    log = env.base / "rootless.log"
+    log = nobody_env.base / "rootless.log"
     pid1, pid1_status, tree_uids = 0, "", {}
     try:
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                as_nobody(env.python),
+                as_nobody(nobody_env.python),
                 cwd=project,
                 env={**CLEAN_ENV, "HOME": str(project)},
                 stdout=out,
@@ -412,8 +357,8 @@ def test_rootless_session_completes(rootless_run: RootlessRun) -> None:
 
 
 @pytest.mark.parametrize("name", EXPECTED_PASSES)
-def test_rootless_inner_test_passes(rootless_run: RootlessRun, name: str, env: Env) -> None:
-    if name.startswith("test_busybox_rootfs") and env.busybox_root is None:
+def test_rootless_inner_test_passes(rootless_run: RootlessRun, name: str, nobody_env: Env) -> None:
+    if name.startswith("test_busybox_rootfs") and nobody_env.busybox_root is None:
         pytest.skip("busybox-static is not installed")
     case = rootless_run.cases.get(name)
     assert case is not None, rootless_run.output
@@ -533,14 +478,14 @@ ENOSPC_PHRASES = (
     ],
     ids=["default-fail", "cli-skip", "ini-skip"],
 )
-def test_enospc_user_namespaces(env: Env, mode: str, args: tuple[str, ...], ini: str) -> None:
+def test_enospc_user_namespaces(nobody_env: Env, mode: str, args: tuple[str, ...], ini: str) -> None:
     """A real ENOSPC from unshare(CLONE_NEWUSER): the header says why, isolated tests fail or skip with that reason."""
     files = {"test_unavailable.py": UNAVAILABLE_TESTS, "identity_userns.py": IDENTITY_USERNS_LAUNCHER}
     if ini:
         files["pytest.ini"] = ini
-    project = env.project(f"enospc-{mode}-{'ini' if ini else 'cli'}", files)
+    project = nobody_env.project(f"enospc-{mode}-{'ini' if ini else 'cli'}", files)
     result = subprocess.run(
-        [str(SYSTEM_PYTHON), str(project / "identity_userns.py"), str(env.python), *INNER_ARGS, *args],
+        [str(SYSTEM_PYTHON), str(project / "identity_userns.py"), str(nobody_env.python), *INNER_ARGS, *args],
         check=False,
         cwd=project,
         env={**CLEAN_ENV, "HOME": str(project)},

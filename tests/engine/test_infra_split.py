@@ -16,7 +16,7 @@ from pytest_lonely.sandbox import _syscalls as sc
 from pytest_lonely.sandbox import cgroupfs, limits, mountinfo, probe, rootfs
 from pytest_lonely.sandbox.cgroupfs import Hierarchy
 
-SANDBOX = Path(__file__).resolve().parent.parent / "pytest_lonely" / "sandbox"
+SANDBOX = Path(__file__).resolve().parents[2] / "pytest_lonely" / "sandbox"
 
 # --------------------------------------------------------------------------- mountinfo: one recipe
 

@@ -16,11 +16,9 @@ import signal
 import socket
 import subprocess
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 
 import pytest
-
-RunLonely = Callable[..., pytest.RunResult]
+from helpers.inner import RunLonely
 
 root = pytest.mark.skipif(os.geteuid() != 0, reason="root mode: the rootless layout differs")
 

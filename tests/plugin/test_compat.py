@@ -21,7 +21,7 @@ import pytest
 
 from pytest_lonely import _pytest_compat as compat
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "pytest_lonely"
 
 

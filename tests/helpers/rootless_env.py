@@ -12,6 +12,7 @@ from this repository, with a minimal ``dist-info`` that declares the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import shutil
@@ -21,9 +22,16 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import pytest
+
+from helpers.host import BUSYBOX, BUSYBOX_APPLETS, FIXTURE_ROOTFS, REPO
+
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 NOBODY = 65534
+#: Every test that runs pytest as uid 65534 carries it (plugin/conftest.py adds it to users of ``nobody_env``), so
+#: that under ``pytest -n 2 --dist loadgroup`` they run on one worker, one at a time: the rootless tests watch
+#: what uid 65534 leaves in /tmp, and the environment is built once.
+XDIST_GROUP = pytest.mark.xdist_group("nobody")
 #: What the plugin itself needs besides pytest and pytest's own requirements.
 PLUGIN_DISTRIBUTIONS = ("pluggy", "filelock")
 #: A plain environment for the inner sessions: nothing of the outer pytest (PYTEST_ADDOPTS, coverage, xdist).
@@ -162,7 +170,7 @@ def build_venv(dest: Path) -> Path:
 
 
 def build_busybox_root(dest: Path, busybox: str, applets: Sequence[str]) -> Path:
-    """A complete root (it has usr/) holding only a static BusyBox, like conftest's ``busybox_root``."""
+    """A complete root (it has usr/) holding only a static BusyBox and nothing of the host, readable by all."""
     for d in ("bin", "usr/bin", "etc", "proc", "dev", "tmp", "sys", "root"):
         (dest / d).mkdir(parents=True, exist_ok=True)
     shutil.copy2(busybox, dest / "bin" / "busybox")
@@ -172,6 +180,37 @@ def build_busybox_root(dest: Path, busybox: str, applets: Sequence[str]) -> Path
     (dest / "etc" / "os-release").write_text('NAME="BusyBox"\nID=busybox\n')
     make_world_readable(dest)
     return dest
+
+
+@dataclasses.dataclass(frozen=True)
+class Env:
+    """Everything uid 65534 needs, in one world-readable directory under /tmp (see ``build_env``)."""
+
+    base: Path
+    python: Path
+    skeleton: Path
+    busybox_root: Path | None
+
+    def project(self, name: str, files: dict[str, str]) -> Path:
+        """A project directory owned by uid 65534, as a user's checkout would be."""
+        path = self.base / name
+        path.mkdir()
+        for rel, text in files.items():
+            (path / rel).write_text(text)
+        chown_tree(path, NOBODY, NOBODY)
+        return path
+
+
+def build_env(base: Path) -> Env:
+    """The venv, the skeleton rootfs (copied if the checkout is private) and a BusyBox root, all in ``base``."""
+    python = build_venv(base / "venv")
+    skeleton = FIXTURE_ROOTFS
+    if not readable_by_others(FIXTURE_ROOTFS):  # the checkout sits under a private home directory
+        skeleton = Path(shutil.copytree(FIXTURE_ROOTFS, base / "skeleton", symlinks=True))
+    busybox_root = None
+    if os.path.exists(BUSYBOX):
+        busybox_root = build_busybox_root(base / "busybox-root", BUSYBOX, BUSYBOX_APPLETS)
+    return Env(base, python, skeleton, busybox_root)
 
 
 def procs() -> Iterator[tuple[int, str]]:
@@ -225,10 +264,12 @@ def started_in(pid: int, project: Path) -> bool:
 __all__ = [
     "CLEAN_ENV",
     "NOBODY",
-    "REPO",
     "SYSTEM_PYTHON",
+    "XDIST_GROUP",
+    "Env",
     "SystemPythonUnfit",
     "build_busybox_root",
+    "build_env",
     "build_venv",
     "chown_tree",
     "cmdline",

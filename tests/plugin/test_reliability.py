@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import unique_sleeps
+from helpers.inner import unique_sleeps
 
 # --- helpers ----------------------------------------------------------------------------------------------------------
 
@@ -108,13 +108,21 @@ def read_pid(path: Path) -> int | None:
     return int(text.split()[0]) if text.endswith("\n") else None
 
 
+#: Python raises KeyboardInterrupt only if SIGINT was not ignored when it started, and a background job of a
+#: non-interactive shell (a CI script, ``nohup``) starts with SIGINT ignored: the inner session starts with the default.
+DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
 @contextlib.contextmanager
 def spawned(pytester: pytest.Pytester, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """An inner ``pytest -p lonely`` running in the background; killed and reaped on the way out, whatever happens."""
     log = pytester.path / "inner-output.txt"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-p", "lonely", "-p", "no:cacheprovider", *args],
+            [sys.executable, "-c", DEFAULT_SIGINT, "-m", "pytest", "-p", "lonely", "-p", "no:cacheprovider", *args],
             cwd=pytester.path,
             stdin=subprocess.DEVNULL,
             stdout=out,

@@ -22,13 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import host
 
 from pytest_lonely.sandbox import probe as probe_mod
 from pytest_lonely.sandbox.probe import STEPS, Availability, detect_container, diagnose, probe, read_sysctls
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="namespaces need Linux")
 root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 APPARMOR_ON = {"kernel.apparmor_restrict_unprivileged_userns": "1", "user.max_user_namespaces": "63000"}
 CLONE_OFF = {"kernel.unprivileged_userns_clone": "0", "user.max_user_namespaces": "63000"}
@@ -288,7 +289,7 @@ def test_probe_reports_seccomp(rootless: bool, step: str) -> None:
 
 @linux
 def test_probe_kills_a_hung_child(monkeypatch: pytest.MonkeyPatch) -> None:
-    before = _children()
+    before = host.children()
     monkeypatch.setattr(probe_mod, "_TIMEOUT_S", 0.3)
     monkeypatch.setattr(probe_mod, "_child_main", lambda *args: time.sleep(60))
     start = time.monotonic()
@@ -296,7 +297,7 @@ def test_probe_kills_a_hung_child(monkeypatch: pytest.MonkeyPatch) -> None:
     assert time.monotonic() - start < 3
     assert not result.ok
     assert "did not finish within 0.3 s" in result.reason
-    assert _children() == before
+    assert host.children() == before
 
 
 @linux
@@ -314,7 +315,7 @@ def test_probe_kills_a_hung_pid1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
     monkeypatch.setattr(probe_mod, "_TIMEOUT_S", 0.5)
     monkeypatch.setattr(probe_mod, "_pid1_main", hang)
-    before = _children()
+    before = host.children()
     _syscalls.prctl(_syscalls.PR_SET_CHILD_SUBREAPER, int(subreaper))
     try:
         result = probe()
@@ -327,7 +328,7 @@ def test_probe_kills_a_hung_pid1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         assert not os.path.exists(f"/proc/{pid1}")
     else:
         _wait_gone(pid1)
-    assert _children() == before
+    assert host.children() == before
 
 
 @linux
@@ -368,21 +369,21 @@ def test_interrupted_probe_leaves_no_child(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(probe_mod, "_child_main", lambda *args: time.sleep(60))
     monkeypatch.setattr(probe_mod, "_wait", interrupted)
-    before, fds = _children(), _fds()
+    before, fds = host.children(), _fds()
     with pytest.raises(KeyboardInterrupt):
         probe(rootless=True)
-    assert _children() == before
+    assert host.children() == before
     assert _fds() == fds
 
 
 @linux
 @root
 def test_probe_leaves_nothing_behind() -> None:
-    mounts, children, fds = Path("/proc/self/mountinfo").read_text(), _children(), _fds()
+    mounts, children, fds = Path("/proc/self/mountinfo").read_text(), host.children(), _fds()
     for rootless in (False, True, False, True):
         assert probe(rootless=rootless).ok
     assert Path("/proc/self/mountinfo").read_text() == mounts
-    assert _children() == children
+    assert host.children() == children
     assert _fds() == fds
 
 
@@ -437,20 +438,6 @@ def _run(cmd: list[str]) -> str:
     return proc.stdout
 
 
-def _children() -> set[int]:
-    """Our child processes; /proc/PID/task/TID/children needs CONFIG_PROC_CHILDREN, so scan /proc."""
-    me, found = os.getpid(), set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
-                found.add(int(entry.name))
-    return found
-
-
 def _fds() -> set[str]:
     return {f"{fd}:{_readlink(f'/proc/self/fd/{fd}')}" for fd in os.listdir("/proc/self/fd")}
 
@@ -484,8 +471,8 @@ def _state(pid: int) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _no_stray_children() -> Iterator[None]:
-    before = _children() if sys.platform == "linux" else set()
+def _no_straychildren() -> Iterator[None]:
+    before = host.children() if sys.platform == "linux" else set()
     yield
     if sys.platform == "linux":
-        assert _children() <= before, "the probe left a child process behind"
+        assert host.children() <= before, "the probe left a child process behind"

@@ -19,13 +19,11 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import requires_plugin
-
-RunLonely = Callable[..., pytest.RunResult]
+from helpers.inner import RunLonely, requires_plugin
 
 PYTEST_9 = pytest.version_tuple[0] >= 9
 
@@ -302,35 +300,44 @@ def assert_same_as_in_process(isolated: pytest.RunResult, reference: pytest.RunR
         assert _subtest_progress(isolated) == _subtest_progress(reference), everything
 
 
-@pytest.mark.parametrize("case", sorted(SUBTESTS_UNITTEST))
+def _every_case(cases: dict[str, str]) -> dict[str, str]:
+    """One test module per case, its names made unique so that every report section has a header of its own."""
+    return {
+        f"test_sub_{case}": source.replace("class TestIso(", f"class TestIso_{case}(")
+        .replace("def test_sub(", f"def test_sub_{case}(")
+        .replace("def test_plain_after(", f"def test_plain_after_{case}(")
+        for case, source in sorted(cases.items())
+    }
+
+
 def test_unittest_subtests_as_in_process(
-    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely, case: str
+    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely
 ) -> None:
     """Bug 1: a failing ``self.subTest()`` inside an isolated TestCase must not be lost (reported PASSED).
 
     The outcome line, the exit code, the short summary (with its
     ``SUBFAILED(i=1)`` line) and the failure sections match the in-process run.
+    Every case is a module of one session.
     """
-    pytester.makepyfile(test_sub=SUBTESTS_UNITTEST[case])
+    pytester.makepyfile(**_every_case(SUBTESTS_UNITTEST))
     reference = run_in_process("-rA")
     isolated = run_lonely("-rA")
-    if case == "fails":
-        assert any("i=1" in line for line in short_summary(reference)), reference.stdout.str()
+    assert any("test_sub_fails" in line and "i=1" in line for line in short_summary(reference)), reference.stdout.str()
     assert_same_as_in_process(isolated, reference, progress=False)
 
 
 @needs_subtests
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
-@pytest.mark.parametrize("case", sorted(SUBTESTS_FIXTURE))
 def test_subtests_fixture_as_in_process(
-    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely, case: str, verbose: bool
+    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely, verbose: bool
 ) -> None:
     """Bug 1: the ``subtests`` fixture (pytest 9, or pytest-subtests before) in an isolated test.
 
     Its SUBPASSED/SUBFAILED reports are made and logged by the child's
     session; they must reach the outer session's terminal, counts and exit code.
+    Every case is a module of one session.
     """
-    pytester.makepyfile(test_sub=SUBTESTS_FIXTURE[case])
+    pytester.makepyfile(**_every_case(SUBTESTS_FIXTURE))
     args = ("-rA", "-v") if verbose else ("-rA",)
     reference = run_in_process(*args)
     isolated = run_lonely(*args)
@@ -548,14 +555,18 @@ import warnings
 import pytest
 
 {CONTAINER_CHILDREN_SRC}
+"""
+
+# Two isolated tests that have just finished when the plain test (of ZOMBIE_PLAIN) after them starts.
+ZOMBIE_ISOLATED = """
 
 @pytest.mark.isolated
-def test_iso_first():
+def test_iso_first_{plain}():
     pass
 
 
 @pytest.mark.isolated
-def test_iso_second():
+def test_iso_second_{plain}():
     pass
 """
 
@@ -650,23 +661,24 @@ def test_plain_last_no_child_left():
 }
 
 
-@pytest.mark.parametrize("plain", list(ZOMBIE_PLAIN))
 def test_plain_test_after_isolated_sees_only_its_own_children(
-    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely, plain: str
+    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely
 ) -> None:
     """Bug 3: a finished container is still a zombie child of pytest when the next (plain) test starts.
 
     ``os.wait()``, a SIGCHLD handler that reaps with ``waitpid(-1)``, an
     asyncio child watcher that does the same, and a last test that expects no
-    child left: each must see only its own children, as in-process.
+    child left: each must see only its own children, as in-process.  Each
+    comes right after two isolated tests, all in one session.
     """
-    pytester.makepyfile(test_zombie=ZOMBIE_HEAD + ZOMBIE_PLAIN[plain])
+    source = ZOMBIE_HEAD + "".join(ZOMBIE_ISOLATED.format(plain=plain) + body for plain, body in ZOMBIE_PLAIN.items())
+    pytester.makepyfile(test_zombie=source)
     # Python 3.12+ warns when a test forks while pytest-rerunfailures' thread runs: not what is tested here.
     quiet = ("-rA", "-W", "ignore:This process:DeprecationWarning")
     reference = run_in_process(*quiet)
-    assert reference.parseoutcomes() == {"passed": 3}, reference.stdout.str()
+    assert reference.parseoutcomes() == {"passed": 3 * len(ZOMBIE_PLAIN)}, reference.stdout.str()
     isolated = run_lonely(*quiet)
-    assert isolated.parseoutcomes() == {"passed": 3}, isolated.stdout.str()
+    assert isolated.parseoutcomes() == {"passed": 3 * len(ZOMBIE_PLAIN)}, isolated.stdout.str()
 
 
 ZOMBIE_CONFTEST = f"""
@@ -767,29 +779,28 @@ def test_outer(pytester):
 }
 
 
-@pytest.mark.parametrize("kind", list(NESTED))
 def test_nested_pytest_reports_stay_inside(
-    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely, kind: str
+    pytester: pytest.Pytester, run_lonely: RunLonely, run_in_process: RunLonely
 ) -> None:
     """Bug 4: an isolated test that runs pytest loses its inner session's reports to the outer one.
 
     The inner session sees its own passing, failing and skipped tests (and a
     crashing subprocess its own exit); the OUTER totals are exactly the outer
-    tests, and no inner test id is listed by the outer session.
+    tests, and no inner test id is listed by the outer session.  Every kind of
+    nested run is one isolated ``test_outer_KIND``, followed by a plain test,
+    in one outer session.
     """
-    source = (
-        "import signal\n\nimport pytest\n\npytest_plugins = ['pytester']\n\n"
-        f"INNER = {NESTED_INNER!r}\n\n\n@pytest.mark.isolated"
-        + NESTED[kind]
-        + "\n\ndef test_plain_after():\n    pass\n"
-    )
+    source = "import signal\n\nimport pytest\n\npytest_plugins = ['pytester']\n\n" + f"INNER = {NESTED_INNER!r}\n"
+    for kind, body in NESTED.items():
+        outer = body.replace("def test_outer(", f"def test_outer_{kind}(")
+        source += f"\n\n@pytest.mark.isolated{outer}\n\ndef test_plain_after_{kind}():\n    pass\n"
     pytester.makepyfile(test_nested=source)
     # Named explicitly: the reference run leaves the inner sessions' test files under its basetemp.
     reference = run_in_process("-rA", "-v", "test_nested.py")
-    assert reference.parseoutcomes() == {"passed": 2}, reference.stdout.str()
+    assert reference.parseoutcomes() == {"passed": 2 * len(NESTED)}, reference.stdout.str()
     isolated = run_lonely("-rA", "-v", "test_nested.py")
     everything = isolated.stdout.str()
-    assert isolated.parseoutcomes() == {"passed": 2}, everything
+    assert isolated.parseoutcomes() == {"passed": 2 * len(NESTED)}, everything
     assert isolated.ret == 0, everything
     assert short_summary(isolated) == short_summary(reference), everything
     outer_lines = [line for line in progress_region(isolated) if "test_inner_" in line]
@@ -1125,12 +1136,12 @@ def test_hooks_without_optionalhook_are_pytests_own_error(pytester: pytest.Pytes
 
 def test_requires_plugin_skips_naming_the_plugin(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bug 8: a test that needs a plugin that is not installed skips, and the reason names the plugin."""
-    # This suite's conftest, imported by the inner session as a plain module.
+    # This suite's helpers, imported by the inner session.
     monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
     )
     pytester.makepyfile(
-        test_needs="from conftest import requires_plugin\n\n\n"
+        test_needs="from helpers.inner import requires_plugin\n\n\n"
         '@requires_plugin("pytest-surely-not-installed", "pytest_surely_not_installed")\n'
         "def test_needs_it():\n    raise AssertionError('must not run')\n\n\n"
         '@requires_plugin("pytest", "pytest")\ndef test_has_it():\n    pass\n'

@@ -15,13 +15,12 @@ import tarfile
 import textwrap
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_ROOTFS
-
-RunLonely = Callable[..., pytest.RunResult]
+from helpers.host import FIXTURE_ROOTFS
+from helpers.inner import RunLonely
 
 # Computed on the host by the inner conftest; the isolated tests check them from inside.
 HOST_CONFTEST = """

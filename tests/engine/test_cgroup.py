@@ -36,7 +36,7 @@ from pytest_lonely.sandbox.limits import (
     parse_pids,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 linux = pytest.mark.skipif(sys.platform != "linux", reason="cgroups need Linux")
 root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
 MiB = 1 << 20

@@ -5,22 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-import images
 import pytest
-
-RunLonely = Any
+from helpers import images
+from helpers.inner import RunLonely
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these sessions run as root")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> images.Images:
-    missing = images.missing_tools()
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (apt-get install umoci skopeo busybox-static)")
-    return images.build(tmp_path_factory.mktemp("images"))
 
 
 INSIDE = """
