@@ -35,6 +35,8 @@ class ZygoteSlot:
         self._last_key: Hashable = None
         #: Why containers stopped coming from zygotes, if they did.
         self.broken: str | None = None
+        #: Zygotes stopped and not reaped yet: the engine reaps them with its other children.
+        self.retired: list[int] = []
 
     def get(self, key: Hashable, factory: Factory, keeper: Keeper, keep: tuple[int, ...]) -> Zygote | None:
         if self.zygote is not None and self.zygote.key != key:
@@ -54,13 +56,12 @@ class ZygoteSlot:
         self.broken = why
         self.stop()
 
-    def stop(self) -> int | None:
-        """End the zygote (it kills what it built); returns its PID, for the caller to reap."""
+    def stop(self) -> None:
+        """End the zygote (it kills what it built); its PID waits in :attr:`retired` to be reaped."""
         zygote, self.zygote = self.zygote, None
-        if zygote is None:
-            return None
-        zygote.stop()
-        return zygote.pid
+        if zygote is not None:
+            zygote.stop()
+            self.retired.append(zygote.pid)
 
 
 class Engine:
@@ -213,14 +214,12 @@ class Engine:
     def _stop_zygote(self, why: str | None = None) -> None:
         if why is not None:
             self.zygotes.broken = why
-        pid = self.zygotes.stop()
-        if pid is not None:
-            self._unreaped.append((pid, None))
+        self.zygotes.stop()
 
     @property
     def unreaped(self) -> bool:
         """Whether any child of ours may still exist: finished containers, the zygote."""
-        return bool(self._unreaped) or self.zygotes.zygote is not None
+        return bool(self._unreaped or self.zygotes.retired) or self.zygotes.zygote is not None
 
     def quiesce(self) -> None:
         """Leave no child of ours running: stop the zygote (it ends its containers first), reap all.
@@ -234,6 +233,8 @@ class Engine:
 
     def reap(self, block: bool = False) -> None:
         """Collect finished containers and remove their cgroups; with ``block``, wait for all of them."""
+        self._unreaped.extend((pid, None) for pid in self.zygotes.retired)
+        self.zygotes.retired.clear()
         still: list[tuple[int, cgroup.Cgroup | None]] = []
         for pid, group in self._unreaped:
             try:

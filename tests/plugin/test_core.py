@@ -135,7 +135,7 @@ def test_marker_is_registered(run_lonely: RunLonely) -> None:
     result.stdout.fnmatch_lines(
         [
             "@pytest.mark.isolated(hostname=None, rootfs=None, timeout=None, network=None, "
-            "memory=None, pids=None, cpus=None, privileged=False, scope=\"function\"):*"
+            'memory=None, pids=None, cpus=None, privileged=False, scope="function"):*'
         ]
     )
 

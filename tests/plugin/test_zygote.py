@@ -34,8 +34,6 @@ class Scenario:
     modes: tuple[str, ...]
     #: Why this scenario cannot run here (evaluated when the sessions start), or None.
     unavailable: Callable[[], str | None]
-    #: It must see pytest as a fresh session does (it looks at pytest's children): it runs first.
-    first: bool
 
 
 #: The test that checks a scenario -> the scenario.  Each is a module of its own in ONE session per mode.
@@ -45,17 +43,12 @@ Test = TypeVar("Test", bound=Callable[..., None])
 
 
 def scenario(
-    source: str,
-    *,
-    modes: tuple[str, ...] = tuple(MODES),
-    unavailable: Callable[[], str | None] = lambda: None,
-    first: bool = False,
+    source: str, *, modes: tuple[str, ...] = tuple(MODES), unavailable: Callable[[], str | None] = lambda: None
 ) -> Callable[[Test], Test]:
     """Register ``source`` as the test module that the decorated test checks the outcomes of."""
 
     def register(test: Test) -> Test:
-        assert not (first and any(sc.first for sc in SCENARIOS.values())), "only one scenario can run first"
-        SCENARIOS[test.__name__] = Scenario(textwrap.dedent(source), modes, unavailable, first)
+        SCENARIOS[test.__name__] = Scenario(textwrap.dedent(source), modes, unavailable)
         return test
 
     return register
@@ -86,8 +79,7 @@ def sessions(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Sessio
     env["HOME"] = str(project)
     runs = {}
     for mode, value in MODES.items():
-        order = sorted(SCENARIOS.items(), key=lambda item: not item[1].first)
-        files = [f"{name}.py" for name, sc in order if mode in sc.modes and name not in skipped]
+        files = [f"{name}.py" for name, sc in SCENARIOS.items() if mode in sc.modes and name not in skipped]
         xml = project / f"junit-{mode}.xml"
         args = [*INNER_ARGS, f"--junitxml={xml}", f"--basetemp={project / f'basetemp-{mode}'}", *files]
         done = subprocess.run(
@@ -207,8 +199,7 @@ def test_classes_and_their_fixtures(outcomes: Outcomes) -> None:
         @pytest.mark.isolated
         def test_after(i):
             assert STATE == ["kept"]
-    """,
-    first=True,
+    """
 )
 def test_a_test_in_process_in_between_is_seen(outcomes: Outcomes) -> None:
     """What an in-process test changes in pytest's memory, the next container inherits, as from a fork."""
