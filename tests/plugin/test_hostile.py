@@ -111,7 +111,7 @@ def in_pid_namespace(inode: int) -> list[int]:
     return found
 
 
-# --- 1. a PID from the wire reaches no kill() --------------------------------------------------------------------------
+# --- 1. a PID from the wire reaches no kill() -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -136,7 +136,7 @@ def test_a_pid_a_container_names_is_never_killed(pytester: pytest.Pytester, mode
         assert result.stdout.str().count("unknown frame kind 'hello'") >= 2, result.stdout.str()
 
 
-# --- 2. nothing outlives pytest ----------------------------------------------------------------------------------------
+# --- 2. nothing outlives pytest ---------------------------------------------------------------------------------------
 
 LINGERING = """
 import os, subprocess, time, pytest
@@ -327,7 +327,7 @@ def test_pytest_exit_inside_ends_the_session_with_its_code(pytester: pytest.Pyte
     assert "enough" in result.stdout.str()
 
 
-# --- 5. signals stay in the container ----------------------------------------------------------------------------------
+# --- 5. signals stay in the container ---------------------------------------------------------------------------------
 
 SIGNALS = """
 import os, signal, time, pytest
@@ -480,7 +480,7 @@ def test_any_bytes_fail_only_their_test(pytester: pytest.Pytester, mode: str) ->
     assert "INTERNALERROR" not in out + result.stderr.str()
 
 
-# --- 9. the decoder alone, fuzzed ---------------------------------------------------------------------------------------
+# --- 9. the decoder alone, fuzzed -------------------------------------------------------------------------------------
 
 
 def test_the_decoder_takes_any_bytes() -> None:
