@@ -148,6 +148,8 @@ class Reporter:
                 message += f"; {outcome.payload}"
         elif outcome.oom_killed and memory is not None:
             message = f"container killed by the kernel's OOM killer: memory limit {format_bytes(memory)} reached"
+            if outcome.payload:
+                message += f"; {outcome.payload}"
         else:
             message = describe_status(outcome.exitstatus)
             if outcome.payload:
