@@ -298,7 +298,7 @@ class Changes:
         lines = [f"{c.kind} {display(c.path)}" for c in self.changes[:max_lines]]
         rest = max(0, len(self.changes) - max_lines) + self.more
         if rest:
-            lines.append(f"... and {rest}{'' if self.complete else ' or more'} more")
+            lines.append(f"... and {rest} more" if self.complete else f"... and at least {rest} more")
         if self.pycache:
             lines.append(f"({self.pycache} __pycache__ entr{'y' if self.pycache == 1 else 'ies'} not listed)")
         lines += [f"could not read everything: {p}" for p in self.problems]
@@ -1182,8 +1182,10 @@ def keep(
         _write_list(dest_fd, DELETED, [display(p) for p in keeper.deleted])
         notes = [f"{display(p)}\t{why}" for p, why in keeper.skipped]
         if changes.more or not changes.complete:
-            notes.append(f"# {changes.more}{'' if changes.complete else ' or more'} more changes were not listed")
+            notes.append(f"# {'' if changes.complete else 'at least '}{changes.more} more changes were not listed")
         _write_list(dest_fd, NOT_COPIED, notes)
+    except OSError as exc:  # someone else wrote into dest meanwhile (the container can: the basetemp window)
+        raise KeepError(f"cannot keep the changes in {dest!r}: {exc.filename or ''} {exc.strerror}") from None
     finally:
         os.close(dest_fd)
     complete = changes.complete and not changes.more and not keeper.skipped

@@ -188,14 +188,21 @@ LOWER = {
     "var/lib/state": "state\n",
     "srv/moved": "renamed\n",
     "srv/asdir": "becomes a directory\n",
+    "srv/tree/a/b": "deleted with its directory\n",
     "usr/lib/python3/pkg/__init__.py": "",
     "home/": "",
 }
 
 
+def make_lower(top: Path) -> Path:
+    make_tree(top, LOWER)
+    (top / "srv/link").symlink_to("/etc")  # the lower layer's symlinks are never followed either
+    return top
+
+
 @pytest.fixture
 def lower(tmp_path: Path) -> Path:
-    top = make_tree(tmp_path / "lower", LOWER)
+    top = make_lower(tmp_path / "lower")
     os.utime(top / "etc", ns=(10**18, 10**18))  # a copy-up must keep it: a changed mtime would show
     return top
 
@@ -263,7 +270,7 @@ def test_lines_escape_what_could_forge_a_line() -> None:
     )
     assert result.lines(max_lines=1) == [
         "A /etc/a\\x0aC /etc/forged",
-        "... and 4 or more more",
+        "... and at least 4 more",
         "(2 __pycache__ entries not listed)",
         "could not read everything: /x: cannot list: Permission denied",
     ]
@@ -286,6 +293,10 @@ def _typical() -> None:
     os.rename("/srv/moved", "/srv/renamed")
     os.unlink("/srv/asdir")
     os.mkdir("/srv/asdir")
+    shutil.rmtree("/srv/tree")
+    os.unlink("/srv/link")
+    os.mkdir("/srv/link")
+    write("/srv/link/passwd")
     os.symlink("/etc/shadow", "/home/escape")
     os.mkdir("/usr/lib/python3/pkg/__pycache__")
     write("/usr/lib/python3/pkg/__pycache__/__init__.cpython-311.pyc")
@@ -304,9 +315,12 @@ TYPICAL = [
     ("D", "/opt/old/deep"),
     ("C", "/opt/old/other"),
     ("C", "/srv/asdir"),
+    ("C", "/srv/link"),
+    ("A", "/srv/link/passwd"),
     ("D", "/srv/moved"),
     ("A", "/srv/renamed"),
     ("C", "/srv"),
+    ("D", "/srv/tree"),
     ("C", "/var"),
     ("A", "/var/cache"),
     ("A", "/var/cache/app"),
@@ -502,28 +516,75 @@ def test_a_huge_upper_layer_is_listed_up_to_the_limit(lower: Path) -> None:
         assert cut.problems == ("stopped after looking at 500 entries",)
         assert len(cut.changes) == 10
         assert cut.more > 0
-        assert cut.lines(max_lines=2)[-2] == f"... and {cut.more + 8} or more more"
+        assert cut.lines(max_lines=2)[-2] == f"... and at least {cut.more + 8} more"
 
 
 @needs_root
-def test_a_deep_tree_is_walked_to_a_bounded_depth(lower: Path) -> None:
+def test_a_deep_tree_is_walked_to_a_bounded_depth(lower: Path, tmp_path: Path) -> None:
+    """Paths far longer than PATH_MAX: nothing is ever opened by its whole path."""
+    name = "d" * 250
+
     def deep() -> None:
         fd = os.open("/srv", os.O_RDONLY | os.O_DIRECTORY)
         for _ in range(changes.MAX_DEPTH + 40):
-            os.mkdir("d", dir_fd=fd)
-            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.mkdir(name, dir_fd=fd)
+            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = nxt
+        write_fd = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.close(write_fd)
         os.close(fd)
 
+    dest = tmp_path / "kept"
+    dest.mkdir()
     with box(own_root_plan(lower), deep) as b:
         b.run(0)
         b.close()
         found = b.diff(limit=None)
+        kept = changes.keep(b.scratch, b.layers, found, str(dest))
     assert not found.complete
     assert len(found.problems) == 1
-    assert "deeper than 256 levels" in found.problems[0]
-    assert len(found.changes) == 1 + changes.MAX_DEPTH  # C /srv, and A for each level read
+    assert found.problems[0].endswith(f": deeper than {changes.MAX_DEPTH} levels, not read")
+    # C /srv, and A for each directory down to MAX_DEPTH levels below /, the last one not read
+    assert len(found.changes) == 1 + changes.MAX_DEPTH
+    assert len(found.changes[-1].path) > 60_000
+    assert kept.copied == len(found.changes)
+    assert not kept.not_copied
+
+
+@needs_root
+def test_a_layer_that_changes_while_it_is_walked(lower: Path, tmp_path: Path) -> None:
+    """The container is running: entries appear, vanish, and turn into symlinks and fifos under the walk."""
+
+    def churn() -> None:
+        def loop() -> None:
+            i = 0
+            while True:
+                i += 1
+                top = f"/srv/churn{i % 5}"
+                with contextlib.suppress(OSError):
+                    os.makedirs(f"{top}/a/b")
+                    write(f"{top}/a/b/f", "x" * (i % 100))
+                    os.rename(f"{top}/a", f"{top}/c")
+                    shutil.rmtree(top)
+                    os.symlink("/etc", top)
+                    os.unlink(top)
+                    os.mkfifo(top)
+                    os.unlink(top)
+
+        import threading
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    with box(own_root_plan(lower), churn) as b:
+        b.run(0)
+        for i in range(30):
+            found = b.diff(limit=None)
+            assert found.problems == ()
+            assert all(c.path.startswith("/srv") for c in found.changes)
+            dest = tmp_path / f"kept{i}"
+            dest.mkdir()
+            changes.keep(b.scratch, b.layers, found, str(dest))
 
 
 @needs_root
@@ -658,7 +719,7 @@ def nobody_dir() -> Iterator[Path]:
     the owner, so only a root of its own is writable through the overlay) and an empty ``kept``."""
     top = Path(tempfile.mkdtemp(prefix="lonely-changes-", dir="/tmp"))
     try:
-        make_tree(top / "lower", LOWER)
+        make_lower(top / "lower")
         (top / "kept").mkdir()
         os.chmod(top, 0o755)
         for dirpath, dirnames, filenames in os.walk(top):
@@ -691,7 +752,7 @@ def test_rootless_as_the_same_unprivileged_user(nobody_dir: Path) -> None:
     assert found.problems == ("/srv/locked: cannot open the directory: Permission denied",)
     assert (dest / "fs/etc/app.conf").read_text() == "written by the installer\n"
     assert stat.S_IMODE((dest / "fs/srv/locked").stat().st_mode) == 0
-    assert (kept.copied, kept.deleted) == (len(found.changes) - 3, 3)
+    assert (kept.copied, kept.deleted) == (len(found.changes) - 4, 4)
 
 
 @needs_root
