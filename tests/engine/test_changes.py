@@ -757,11 +757,17 @@ def test_rootless_as_the_same_unprivileged_user(nobody_dir: Path) -> None:
 
 @needs_root
 def test_rootless_host_view_top_level(tmp_path: Path) -> None:
-    plan = rootfs.plan(rootfs.HostLayout.scan(tmp_path), rootfs.PlanKey(None, rootless=True, network=False))
+    """The rootless host view's ``/`` is a tmpfs of its own (``top_fd``), with the plan's mount points and
+    symlinks in it; while the container runs, each top-level directory has a layer mounted on it."""
+    layout = rootfs.HostLayout.scan(tmp_path)
+    plan = rootfs.plan(layout, rootfs.PlanKey(None, rootless=True, network=False))
+    link = next((name for name, kind, _ in layout.top if kind == "symlink" and name == "sbin"), None)
 
     def act() -> None:
         os.makedirs("/lonely-new/dir")
         write("/lonely-new/dir/file")
+        if link is not None:
+            os.unlink("/" + link)  # the plan made it: deleting it is the test's change
 
     with box(plan, act, rootless=True) as b:
         assert as_nobody(b.diff).pairs() == []
@@ -771,6 +777,9 @@ def test_rootless_host_view_top_level(tmp_path: Path) -> None:
         dead = as_nobody(b.diff)
         unseen = as_nobody(lambda: changes.diff(b.scratch, b.layers, hostname=HOSTNAME))
     expected = [("A", "/lonely-new"), ("A", "/lonely-new/dir"), ("A", "/lonely-new/dir/file")]
+    if link is not None:
+        expected.append(("D", "/" + link))
     assert alive.pairs() == dead.pairs() == expected
+    assert alive.complete
     assert unseen.pairs() == []
     assert unseen.problems == ("/: the top-level tmpfs was not handed over, not read",)
