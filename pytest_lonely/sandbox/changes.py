@@ -147,12 +147,16 @@ class Layer:
     writes: tuple[str, ...] = ()
 
 
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
 def _inside(path: str) -> str:
     return path[len(rootfs.NEW) :] or "/"
 
 
 def _lower(path: str) -> str:
-    return (path[len(rootfs.OLD) :] or "/") if rootfs._under(path, rootfs.OLD) else path
+    return (path[len(rootfs.OLD) :] or "/") if _under(path, rootfs.OLD) else path
 
 
 def _rel(path: str, top: str) -> str:
@@ -198,7 +202,7 @@ def layers_of(plan: rootfs.Plan) -> tuple[Layer, ...]:
     def owner(inside: str) -> _Building | None:
         parent = os.path.dirname(inside)
         for target, layer in reversed(mounts):
-            if rootfs._under(parent, target):
+            if _under(parent, target):
                 return layer
         return None
 
@@ -230,17 +234,17 @@ def layers_of(plan: rootfs.Plan) -> tuple[Layer, ...]:
             case ("mount", _, target, _, _, _) | ("bind_ro", _, target) | ("bind", _, target):
                 mounts.append((_inside(target), None))
             case ("mkdirs", path):
-                if not add_upper(path, "dir", certain) and rootfs._under(path, rootfs.NEW):
+                if not add_upper(path, "dir", certain) and _under(path, rootfs.NEW):
                     for prefix in _prefixes(_rel(_inside(path), "/")):
                         add("/" + prefix, "dir", "", certain)
             case ("mkdir", path, _):
-                if not add_upper(path, "dir", certain) and rootfs._under(path, rootfs.NEW):
+                if not add_upper(path, "dir", certain) and _under(path, rootfs.NEW):
                     add(_inside(path), "dir", "", certain)
             case ("touch", path):
-                if not add_upper(path, "file", certain) and rootfs._under(path, rootfs.NEW):
+                if not add_upper(path, "file", certain) and _under(path, rootfs.NEW):
                     add(_inside(path), "file", "", certain)
             case ("symlink", target, path):
-                if rootfs._under(path, rootfs.NEW):
+                if _under(path, rootfs.NEW):
                     add(_inside(path), "symlink", target, certain)
     for layer in layers:
         if layer.n is not None:
@@ -1147,7 +1151,7 @@ class _DestTree(_Tree):
 def _owning(layers: Sequence[tuple[Layer, _Tree]], path: str) -> tuple[Layer, _Tree] | None:
     best: tuple[Layer, _Tree] | None = None
     for layer, tree in layers:
-        if rootfs._under(path, layer.inside) and (best is None or len(layer.inside) > len(best[0].inside)):
+        if _under(path, layer.inside) and (best is None or len(layer.inside) > len(best[0].inside)):
             best = (layer, tree)
     return best
 
