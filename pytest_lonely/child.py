@@ -93,7 +93,7 @@ def _take_over(item: pytest.Item, container: Container, inside: Inside) -> Forwa
     """The first order a container runs: from now on this process is a container, not a copy of pytest."""
     pm = item.config.pluginmanager
     forwarder = _forwarder(item.config)
-    forwarder.container = dataclasses.replace(container, host_pid=inside.host_pid)
+    forwarder.container = dataclasses.replace(container, host_pid=inside.host_pid, _ask=inside.ask)
     forwarder.first_item = item
     # Output goes to this container's own files from now on: nothing it prints after its test is over
     # can land in the next test's captured output.

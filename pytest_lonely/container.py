@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from .sandbox.limits import Limits
+from .sandbox.protocol import Kind
+
+
+class Changed(NamedTuple):
+    """One path a test changed, as ``docker diff`` shows it: ``("A", "/etc/app.conf")``."""
+
+    #: ``A`` added, ``C`` changed, ``D`` deleted.
+    kind: str
+    #: As the test sees it.
+    path: str
+
+
+class ChangesUnavailable(RuntimeError):
+    """The parent could not read this container's layers, or the call was made outside a container."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,3 +61,22 @@ class Container:
     limits: Limits = Limits()
     #: The image the root filesystem came from, or None for a directory, a tarball or the host view.
     image: ImageInfo | None = None
+    #: Inside: how to ask the parent about this container; None in the parent.
+    _ask: Callable[[Kind, Any], Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def changes(self) -> list[Changed]:
+        """What this test (and everything it started) added, changed or deleted in its root so far, sorted.
+
+        The parent reads the container's copy-on-write layers and answers: the
+        test has no door into them.  What the engine wrote before the test
+        (``/etc/hosts``) is not the test's; ``/tmp``, ``/dev``, ``/proc``,
+        ``/sys``, ``tmp_path`` and ``__pycache__`` are left out (see the README).
+        """
+        if self._ask is None:
+            raise ChangesUnavailable("container.changes() works only inside an isolated test")
+        answer = self._ask(Kind.CHANGES, None)
+        if not isinstance(answer, dict) or "changes" not in answer:
+            raise ChangesUnavailable(str(answer.get("error") if isinstance(answer, dict) else answer))
+        if not answer.get("complete", True):
+            raise ChangesUnavailable("; ".join(answer.get("problems", ())) or "the layers could not be read whole")
+        return [Changed(str(kind), str(path)) for kind, path in answer["changes"]]

@@ -115,7 +115,9 @@ class Reporter:
             return "no teardown report"
         return None
 
-    def conclude(self, outcome: Outcome, timeout: float, memory: int | None, capture: compat.Capture) -> None:
+    def conclude(
+        self, outcome: Outcome, timeout: float, memory: int | None, capture: compat.Capture, changes: str | None = None
+    ) -> None:
         """Act on how the container ended: re-raise an exit, or make the missing phase's report."""
         if outcome.kind == "exit":
             payload = outcome.payload
@@ -156,6 +158,8 @@ class Reporter:
                 message += f"; {outcome.payload}"
         if outcome.diag:
             message += "\n\n" + trim_traceback(outcome.diag)
+        if changes is not None:
+            message += "\n\nfilesystem changes:\n" + changes
         phase = self.missing_phase()
         if phase == "teardown" and self.held_teardown is not None and outcome.kind != "refused":
             return  # the teardown report arrived complete; whatever killed the container came after

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -41,6 +42,11 @@ class IsolatedRun:
         self.state = self.config.stash[SESSION_KEY]
         self.capture = compat.Capture(self.config)
         self.reporter = Reporter(item, attempt, may_rerun)
+        self.attempt = attempt
+        #: The container this attempt runs in, once it does.
+        self.group: groups.Group | None = None
+        #: The "filesystem changes" text, once made: a test shows it once, with its first failure.
+        self._changes_text: str | None = None
         self._handlers: dict[protocol.Kind, Callable[[Any], None]] = {
             protocol.Kind.REPORT: self._report,
             protocol.Kind.WARNING: self._warn,
@@ -78,7 +84,8 @@ class IsolatedRun:
             return
 
         coverage = "coverage" in sys.modules
-        group = self._group(ready, key, index, coverage)
+        group = self.group = self._group(ready, key, index, coverage)
+        group.box.shared = key is not None
         keep = self._keep(group)
         if index is None:
             order: Any = wire.encode_order(-1, item.nodeid, group.container, coverage, wire.KEEP_NONE)
@@ -101,6 +108,7 @@ class IsolatedRun:
             self._suspend_capture()
         group.orders += 1
         group.last = item
+        self._changed(outcome)
         ended = outcome.ended or keep == wire.KEEP_NONE
         if ended:
             self._end(group, outcome)
@@ -114,7 +122,7 @@ class IsolatedRun:
                 outcome.payload = f"{outcome.payload}; {note}" if outcome.payload else note
         if outcome.kind == "interrupt" and isinstance(outcome.payload, str):
             self._show_interrupted(outcome.payload)
-        self.reporter.conclude(outcome, ready.spec.timeout, ready.spec.memory, self.capture)
+        self.reporter.conclude(outcome, ready.spec.timeout, ready.spec.memory, self.capture, self._changes_text)
         preflight.note_lost_example(item, any(r.failed for r in self.reporter.seen.values()), self.state)
         self.teardown()
         compat.release_request(item)
@@ -142,6 +150,50 @@ class IsolatedRun:
         if key is not None:
             self.state.group = group
         return group
+
+    def _changed(self, outcome: Outcome) -> None:
+        """Before the container goes: what it changed, for a test that failed (or every test, with keep=all)."""
+        keep = self.state.options.keep
+        failed = outcome.kind not in ("done", "exit", "interrupt") or any(r.failed for r in self.reporter.seen.values())
+        if self._changes_text is None and (failed or keep == "all"):
+            self._changes_text = self._describe_changes(keep_files=keep == "all" or (keep == "failed" and failed))
+            if not failed:
+                held = self.reporter.held_teardown
+                if held is not None:
+                    held.sections.append(("filesystem changes", self._changes_text))
+
+    def _describe_changes(self, keep_files: bool) -> str:
+        """The report section: what changed, at most a few dozen lines, and where the files were kept."""
+        assert self.group is not None
+        box = self.group.box
+        try:
+            found = box.changed()
+        except OSError as exc:
+            return f"the container's layers could not be read: {exc}"
+        if found is None:
+            return "the container's layers cannot be read here (it was not built from an overlay of its own)"
+        lines = found.lines(LISTED_CHANGES) or ["(nothing changed)"]
+        if keep_files:
+            lines.append(self._keep_files(box))
+        return "\n".join(lines)
+
+    def _keep_files(self, box: Any) -> str:
+        """``--lonely-keep``: copy the evidence under the session's basetemp, where tmp_path's retention applies."""
+        factory = compat.tmp_path_factory(self.config)
+        if factory is None:
+            return "not kept: pytest's tmp_path plugin is disabled"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.item.nodeid)[-100:]
+        name += f"-{self.attempt}" if self.attempt else ""
+        dest = factory.getbasetemp() / "lonely-keep" / name
+        try:
+            dest.mkdir(parents=True)
+            kept = box.keep(str(dest))
+        except (OSError, ValueError) as exc:
+            return f"not kept in {dest}: {exc}"
+        if kept is None:
+            return "not kept: the container's layers cannot be read here"
+        note = "" if kept.complete else f"; {len(kept.not_copied)} not copied, listed in NOT_COPIED"
+        return f"kept in {dest}: {kept.copied} copied ({kept.bytes} bytes), {kept.deleted} deleted in DELETED{note}"
 
     def _keep(self, group: groups.Group) -> int:
         """What the container keeps set up after this test: the next test's scopes, or nothing."""
@@ -234,6 +286,10 @@ class IsolatedRun:
         report = wire.decode_report(self.config, data)
         self.reporter.accept(report)
         self._add_parent_output(report)
+        if report.failed and type(report) is pytest.TestReport and self._changes_text is None:
+            keep = self.state.options.keep
+            self._changes_text = self._describe_changes(keep_files=keep != "none")
+            _add_section(report, "filesystem changes", self._changes_text)
         self.reporter.log(report)
 
     def _add_parent_output(self, report: pytest.TestReport) -> None:
@@ -280,6 +336,21 @@ class IsolatedRun:
         report = self.reporter.teardown(call)
         if compat.check_interactive_exception(call, report):
             item.ihook.pytest_exception_interact(node=item, call=call, report=report)
+
+
+#: Lines of "filesystem changes" a report shows; the rest is counted.
+LISTED_CHANGES = 40
+
+
+def _add_section(report: pytest.TestReport, title: str, text: str) -> None:
+    """A section of the failure itself: the terminal shows it after the traceback, junitxml in the failure's text."""
+    longrepr: Any = report.longrepr
+    if hasattr(longrepr, "addsection"):
+        longrepr.addsection(title, text)
+    elif isinstance(longrepr, str):
+        report.longrepr = f"{longrepr}\n\n{title}:\n{text}"
+    else:
+        report.sections.append((title, text))
 
 
 def close_group(state: Any, finish: bool) -> None:

@@ -230,7 +230,7 @@ def _choice(*allowed: str) -> Parse:
     def parse(value: object, source: Source) -> str:
         text = str(value).strip().lower()
         if text not in allowed:
-            raise SettingError(f"allowed are {' or '.join(allowed)}")
+            raise SettingError(f"allowed are {', '.join(allowed[:-1])} or {allowed[-1]}")
         return text
 
     return parse
@@ -375,6 +375,15 @@ class RunOptions:
         ini="lonely_unavailable",
         metavar="fail|skip",
         help="what isolated tests do where containers cannot be made (default: fail)",
+    )
+    keep: str = setting(
+        "none",
+        parse=_choice("none", "failed", "all"),
+        cli="--lonely-keep",
+        ini="lonely_keep",
+        metavar="none|failed|all",
+        help="copy what the chosen isolated tests added or changed in their root, with a list of what they "
+        "deleted, into a directory under the session's basetemp, and name it in the report (default: none)",
     )
     usage: int | None = setting(
         None,

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, Literal
 
-from . import cgroup, process, protocol
+from . import cgroup, changes, process, protocol
 from .fork import PIPE_SIZE
 from .limits import Usage
 from .zygote import Zygote
@@ -91,6 +91,7 @@ class Box:
         group: cgroup.Cgroup | None = None,
         owner: Zygote | None = None,
         failure: str | None = None,
+        layers: tuple[int, ...] = (),
     ) -> None:
         #: The process we (or the zygote) forked: PID 1, or the middle process rootless.
         self.child = child
@@ -108,6 +109,13 @@ class Box:
         self.usage = False
         self.memory_limited = False
         self._reader = protocol.FrameReader()
+        #: Descriptors of its copy-on-write layers, which outlive it: what a test changed (changes.py).
+        self.layers = layers
+        self._plan: tuple[changes.Layer, ...] = ()
+        self._hostname: str | None = None
+        #: When the current order was handed over: a shared container's test changed only what came after.
+        self.since: int | None = None
+        self.shared = False
 
     @property
     def host_pid(self) -> int:
@@ -126,6 +134,8 @@ class Box:
             outcome.kind, outcome.payload = "error", self.failure
             return outcome
         handed = terminal >= 0 and self.pgid > 0 and _hand_terminal(terminal, self.pgid)
+        if self.shared:
+            self.since = changes.clock_ns()
         try:
             protocol.write_all(self.go_fd, protocol.encode(protocol.Kind.GO, [tail, order]))
         except OSError:
@@ -165,14 +175,42 @@ class Box:
         if self.pid1 is not None and not self.pid1.exited(timeout):
             self.kill()
 
+    def describe(self, plan: tuple[changes.Layer, ...], hostname: str) -> None:
+        """What its layers are (from the plan it was built from), and the hostname the engine wrote down."""
+        self._plan = plan
+        self._hostname = hostname
+
+    def changed(self, *, limit: int | None = changes.LIMIT) -> changes.Changes | None:
+        """What the work in hand changed in the container's root, as ``docker diff`` lists it; None: unknown.
+
+        Read from the layers' descriptors, so it works while the container
+        runs and after it died.  In a shared container, since its current
+        order was handed over.
+        """
+        if not self.layers:
+            return None
+        top = self.layers[1] if len(self.layers) > 1 else None
+        return changes.diff(
+            self.layers[0], self._plan, top_fd=top, hostname=self._hostname, since=self.since, limit=limit
+        )
+
+    def keep(self, dest: str) -> changes.Kept | None:
+        """Copy what the work in hand added and changed into ``dest`` (see :func:`changes.keep`); None: unknown."""
+        found = self.changed(limit=None)
+        if found is None:
+            return None
+        top = self.layers[1] if len(self.layers) > 1 else None
+        return changes.keep(self.layers[0], self._plan, found, dest, top_fd=top)
+
     def close(self) -> None:
         """Drop every descriptor of ours; the process itself is the engine's to reap."""
         self._close_go()
-        for fd in (self.read_fd, *self.outputs):
+        for fd in (self.read_fd, *self.outputs, *self.layers):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.read_fd = -1
         self.outputs = (-1, -1, -1)
+        self.layers = ()
         if self.pid1 is not None:
             self.pid1.close()
 
@@ -219,6 +257,9 @@ class Box:
                 frames = reader.feed(data)
                 for index, (kind, payload) in enumerate(frames):
                     terminal = _TERMINAL_KINDS.get(kind)
+                    if kind in protocol.QUESTIONS:
+                        self._answer(kind)
+                        continue
                     if terminal is None:
                         on_frame(kind, payload)
                         continue
@@ -232,6 +273,16 @@ class Box:
             except protocol.ProtocolError as exc:
                 outcome.kind, outcome.payload = "refused", str(exc)
                 return
+
+    def _answer(self, kind: protocol.Kind) -> None:
+        """A question the test asked about its own container: answered from what we hold, never from it."""
+        found = self.changed(limit=None)
+        if found is None:
+            answer: Any = {"error": "this container's layers cannot be read"}
+        else:
+            answer = {"changes": found.pairs(), "complete": found.complete, "problems": list(found.problems)}
+        with contextlib.suppress(OSError):  # it died while it asked
+            protocol.write_all(self.go_fd, protocol.encode(kind, answer))
 
     @staticmethod
     def _read_output(fd: int, limit: int = 1 << 20) -> str:

@@ -15,7 +15,7 @@ import os
 from collections.abc import Hashable
 from typing import Any
 
-from . import cgroup, fork
+from . import cgroup, changes, fork
 from .box import EXIT_WAIT, Box, OnFrame, Outcome, wait_child
 from .cgroup_supply import CgroupSupply, remove
 from .keeper import Keeper, KeeperError
@@ -77,6 +77,8 @@ class Engine:
         #: Processes we forked that are not reaped yet (containers, stopped zygotes), with a cgroup to remove.
         self._unreaped: list[tuple[int, cgroup.Cgroup | None]] = []
         self._nice = os.getpriority(os.PRIO_PROCESS, 0)
+        #: How each plan's copy-on-write layers map to paths inside and on the host (for what a test changed).
+        self._layers: dict[Hashable, tuple[changes.Layer, ...]] = {}
 
     @property
     def prefork_broken(self) -> str | None:
@@ -106,6 +108,7 @@ class Engine:
             box = self._direct(spec, work, keeper, group)
         box.usage = spec.usage
         box.memory_limited = bool(spec.limits.memory)
+        box.describe(self._layers_of(spec), spec.hostname)
         # While the container starts on the other core: collect what finished, make the next cgroup.
         self.reap()
         if group is not None:
@@ -150,6 +153,12 @@ class Engine:
         elif box.group is not None:
             self.cgroups.empty_later(box.group)  # the zygote reaps it; the cgroup goes once it is empty
 
+    def _layers_of(self, spec: ContainerSpec) -> tuple[changes.Layer, ...]:
+        layers = self._layers.get(spec.plan_key)
+        if layers is None:
+            layers = self._layers[spec.plan_key] = changes.layers_of(spec.plan)
+        return layers
+
     def _direct(self, spec: ContainerSpec, work: Work, keeper: Keeper, group: cgroup.Cgroup | None) -> Box:
         cgroup_fds = tuple(group.attach_fds()) if group is not None else ()
         try:
@@ -172,6 +181,7 @@ class Engine:
             outputs=started.outputs,
             group=group,
             failure=failure,
+            layers=started.layers,
         )
 
     def _from_zygote(self, spec: ContainerSpec, work: Work, keeper: Keeper, group: cgroup.Cgroup | None) -> Box | None:
@@ -198,6 +208,7 @@ class Engine:
             outputs=handed.outputs,
             group=group,
             owner=zygote,
+            layers=handed.layers,
         )
         if group is not None and handed.pid1 is not None:
             try:

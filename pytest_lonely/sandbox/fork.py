@@ -55,19 +55,22 @@ class Started:
     #: Its own stdout, stderr and diagnostics files (memfds); ours are copies of the same files.
     outputs: tuple[int, int, int]
     ctl: socket.socket | None
+    #: Its copy-on-write layers (see ``init.LAYERS``), once it sent them.
+    layers: tuple[int, ...] = ()
 
     def fds(self) -> list[int]:
         """Everything of ours to hand on (to pytest, from the zygote): GO, reports, outputs, PID 1's pidfd."""
         pidfd = [self.pid1.pidfd] if self.pid1 is not None else []
-        return [self.go_fd, self.read_fd, *self.outputs, *pidfd]
+        return [self.go_fd, self.read_fd, *self.outputs, *pidfd, *self.layers]
 
     def close(self) -> None:
         if self.ctl is not None:
             self.ctl.close()
             self.ctl = None
-        for fd in (self.go_fd, self.read_fd, *self.outputs):
+        for fd in (self.go_fd, self.read_fd, *self.outputs, *self.layers):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self.layers = ()
         if self.pid1 is not None:
             self.pid1.close()
 
@@ -143,31 +146,44 @@ def start(
 def establish(started: Started, spec: ContainerSpec, timeout: float = BUILD_TIMEOUT) -> str | None:
     """What only the forker can do before the container may run a test; then the launch channel is closed.
 
-    Returns why the container cannot be used, if it cannot.  A container that
-    fails while building says why on its report pipe and exits: the channel's
-    EOF ends the wait, and the caller reads the reason from the pipe.
+    The container sends its layers (PID 1, once its root is built), asks for
+    its ID maps (root mode) or has the middle process hand over PID 1
+    (rootless), in that order per sender.  Returns why the container cannot
+    be used, if it cannot.  A container that fails while building says why on
+    its report pipe and exits: the channel's EOF ends the wait, and the caller
+    reads the reason from the pipe.
     """
     ctl = started.ctl
     if ctl is None:
         return None
+    needed = {init.LAYERS}
+    if spec.rootless:
+        needed.add(b"p")
+    elif not spec.privileged:
+        needed.add(init.ASK_MAPS)
     try:
-        if spec.rootless:
+        while needed:
             message, fds = _receive(ctl, timeout)
-            fields = message[1:].split()
-            if message.startswith(b"p") and len(fields) == 2 and all(f.isdigit() for f in fields) and len(fds) == 1:
-                started.pid1 = process.Handle(int(fields[0]), fds[0])
-                started.group = int(fields[1])
-            else:
+            tag = message[:1]
+            if not message:
+                break
+            if tag == init.LAYERS and init.LAYERS in needed:
+                started.layers = tuple(fds)
+            elif tag == b"p" and tag in needed and len(fds) == 1 and _pid_and_group(message)[0]:
+                pid, group = _pid_and_group(message)
+                started.pid1 = process.Handle(pid, fds[0])
+                started.group = group
+            elif tag == init.ASK_MAPS and tag in needed:
                 for fd in fds:
                     os.close(fd)
-        elif not spec.privileged:
-            message, fds = _receive(ctl, timeout)
-            for fd in fds:
-                os.close(fd)
-            if message == init.ASK_MAPS:
                 for name in ("uid_map", "gid_map"):
                     process.write_once(f"/proc/{started.child}/{name}", namespaces.IDENTITY_MAP)
                 ctl.send(init.MAPPED)
+            else:
+                for fd in fds:
+                    os.close(fd)
+                return f"unexpected message from the container's launch: {message[:40]!r}"
+            needed.discard(tag)
     except TimeoutError as exc:
         return str(exc)
     except OSError:
@@ -178,8 +194,15 @@ def establish(started: Started, spec: ContainerSpec, timeout: float = BUILD_TIME
     return None
 
 
+def _pid_and_group(message: bytes) -> tuple[int, int]:
+    fields = message[1:].split()
+    if len(fields) == 2 and all(f.isdigit() for f in fields):
+        return int(fields[0]), int(fields[1])
+    return 0, 0
+
+
 def _receive(ctl: socket.socket, timeout: float) -> tuple[bytes, list[int]]:
     if not select.select([ctl], [], [], timeout)[0]:
         raise TimeoutError(f"the container did not finish building its root within {timeout:g} s")
-    message, fds, _, _ = socket.recv_fds(ctl, 64, 1)
+    message, fds, _, _ = socket.recv_fds(ctl, 64, 2)
     return message, fds

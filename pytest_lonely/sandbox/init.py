@@ -32,6 +32,9 @@ from .spec import ContainerSpec, Factory, Inside
 ASK_MAPS: Final = b"u"
 #: The forker's answer: the maps are written.
 MAPPED: Final = b"m"
+#: PID 1 to its forker: here are descriptors of my copy-on-write layers (the scratch tmpfs, and rootless the
+#: top-level tmpfs of the host view), for the parent to read what a test changed, even after it died.
+LAYERS: Final = b"l"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,22 +162,29 @@ def _pid1(launch: Launch, host_pid: int) -> int:
     """
     spec = launch.spec
     locked = not spec.rootless and not spec.privileged
+    ctl = socket.socket(fileno=launch.ctl_fd)
     rootfs.enter_scratch()
+    layers = [os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
     notes = tuple(rootfs.apply(spec.plan))
+    if spec.rootless and spec.plan_key.rootfs is None:  # the host view's top level is a tmpfs of its own
+        layers.append(os.open(rootfs.NEW, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
     rootfs.mount_proc(rootfs.NEW + "/proc")  # before the switch: rootless, the kernel wants a visible /proc
     if locked:
         rootfs.cover_proc(rootfs.NEW + "/proc")
         rootfs.hide_readonly_proc(rootfs.NEW)
     rootfs.switch_root(spec.cwd)
+    try:  # no door into its own layers stays open here: the parent reads them, the test never
+        socket.send_fds(ctl, [LAYERS], layers)
+    finally:
+        for fd in layers:
+            os.close(fd)
     if locked:
         sc.unshare(sc.CLONE_NEWUSER)
-        ctl = socket.socket(fileno=launch.ctl_fd)
         ctl.send(ASK_MAPS)
-        answer = ctl.recv(8)
-        ctl.detach()  # the number is held by /dev/null below, with the rest
-        if answer != MAPPED:
+        if ctl.recv(8) != MAPPED:
             raise OSError("the forker did not map the container's user namespace")
-    elif spec.rootless:
+    ctl.detach()  # the number is held by /dev/null below, with the rest
+    if spec.rootless:
         sc.unshare(sc.CLONE_NEWUSER)
         namespaces.map_root(0, 0)
     if locked or spec.rootless:
@@ -192,6 +202,21 @@ def _pid1(launch: Launch, host_pid: int) -> int:
     signal.signal(signal.SIGINT, launch.sigint if launch.sigint is not None else signal.SIG_DFL)
     faulthandler.enable(file=diag_fd, all_threads=True)
     send = protocol.Sender(launch.write_fd)
+    answers = protocol.FrameReader(allowed=protocol.QUESTIONS)
+
+    def ask(kind: protocol.Kind, payload: Any) -> Any:
+        """A question on the report pipe; its answer on the GO pipe, idle while a test runs."""
+        send(kind, payload)
+        while True:
+            data = os.read(launch.go_fd, 1 << 20)
+            if not data:
+                raise OSError("the parent went away before it answered")
+            frames = answers.feed(data)
+            if answers.error is not None:
+                raise answers.error
+            if frames:
+                return frames[0][1]
+
     first = True
     while True:
         order = _await_go(launch.go_fd)
@@ -208,7 +233,8 @@ def _pid1(launch: Launch, host_pid: int) -> int:
             # Only a traceback: the parent kills the whole container with SIGKILL just after.
             faulthandler.dump_traceback_later(spec.timeout, exit=False, file=diag_fd)
         send.finished = False
-        body(Inside(send=send, host_pid=host_pid, notes=notes if first else (), outputs=(out_fd, err_fd)))
+        inside = Inside(send=send, host_pid=host_pid, notes=notes if first else (), outputs=(out_fd, err_fd), ask=ask)
+        body(inside)
         faulthandler.cancel_dump_traceback_later()
         flush_stdio()  # before "done", so the body's output comes before the parent's next line
         if send.finished:  # pytest.exit(), Ctrl-C, an error: the parent ends the container

@@ -42,6 +42,9 @@ class Kind(str, enum.Enum):
     WARNING = "warning"
     #: ``["lines"|"arcs", {filename: [...]}]`` measured inside.
     COVERAGE = "coverage"
+    #: A question the test asks about its own container (``container.changes()``); the answer comes back
+    #: on the GO pipe, as a frame of the same kind.
+    CHANGES = "changes"
     #: ``pytest.exit()`` inside: ``[msg, returncode]``.
     EXIT = "exit"
     #: KeyboardInterrupt inside: where it was raised, as text.
@@ -56,6 +59,8 @@ class Kind(str, enum.Enum):
 TERMINAL: Final = frozenset({Kind.EXIT, Kind.INTERRUPT, Kind.ERROR, Kind.DONE})
 #: Kinds a container may send; GO goes the other way only.
 FROM_CONTAINER: Final = frozenset(Kind) - {Kind.GO}
+#: Questions a container may ask while it runs a test; each is answered on the GO pipe.
+QUESTIONS: Final = frozenset({Kind.CHANGES})
 _BY_VALUE: Final = {k.value: k for k in Kind}
 
 

@@ -72,6 +72,8 @@ class Inside:
     #: This container's own files for what its processes print (stdout, stderr): the parent reads them
     #: after a crash, and no other container ever writes there.
     outputs: tuple[int, int] = (-1, -1)
+    #: Ask the parent a question about this container (a kind of :data:`~.protocol.QUESTIONS`); blocks.
+    ask: Callable[[protocol.Kind, Any], Any] | None = None
 
 
 #: The work a container does for one order, as its PID 1.  Returning ends that work normally.

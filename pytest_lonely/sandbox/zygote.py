@@ -52,7 +52,8 @@ _KEEP_EXITS: Final = 256
 DEPTH: Final = 1
 #: How much nicer than the caller the zygote and the containers it builds ahead of time run.
 BACKGROUND_NICE: Final = 10
-#: Descriptors a "ready" message carries: GO, reports, stdout, stderr, diagnostics, PID 1's pidfd.
+#: Descriptors a "ready" message carries: GO, reports, stdout, stderr, diagnostics, PID 1's pidfd; then the
+#: container's layers (one or two).
 _READY_FDS: Final = 6
 
 
@@ -114,6 +115,7 @@ class Handed:
     go_fd: int
     read_fd: int
     outputs: tuple[int, int, int]
+    layers: tuple[int, ...] = ()
 
 
 class Zygote:
@@ -196,7 +198,7 @@ class Zygote:
         if not select.select([self._sock], [], [], _WAIT)[0]:
             raise ZygoteError(f"the zygote did not answer within {_WAIT:g} s")
         try:
-            message, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, _READY_FDS)
+            message, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, _READY_FDS + 2)
         except OSError as exc:
             raise ZygoteError(f"cannot reach the zygote: {exc}") from None
         if not message:
@@ -204,11 +206,13 @@ class Zygote:
                 os.close(fd)
             raise ZygoteError("the zygote exited")
         kind, child, value = marshal.loads(message)
-        if kind == "ready" and len(fds) == (_READY_FDS if value[0] else _READY_FDS - 1) and self._asked:
+        if kind == "ready" and self._asked:
             # Without PID 1's pidfd only when it died while it was built (rootless): its pipe says why.
+            pid1_pid, group, layers = value
             go_fd, read_fd, out, err, diag = fds[:5]
-            pid1 = process.Handle(value[0], fds[5]) if value[0] else None
-            handed = Handed(child, pid1, value[1], go_fd, read_fd, (out, err, diag))
+            pid1 = process.Handle(pid1_pid, fds[5]) if pid1_pid else None
+            rest = tuple(fds[6 if pid1_pid else 5 :])
+            handed = Handed(child, pid1, group, go_fd, read_fd, (out, err, diag), rest[:layers])
             self._ready.append((self._asked.popleft(), handed))
         elif kind == "exit":
             self._exits[child] = value
@@ -224,7 +228,7 @@ def _discard(handed: Handed) -> None:
     """EOF before GO: the container exits without running anything; SIGKILL in case it is slow to."""
     os.close(handed.go_fd)
     os.close(handed.read_fd)
-    for fd in handed.outputs:
+    for fd in (*handed.outputs, *handed.layers):
         os.close(fd)
     if handed.pid1 is not None:
         handed.pid1.kill()
@@ -347,10 +351,10 @@ class _Server:
         self.children[pidfd] = (started.child, started.pid1)
         try:
             pid1 = started.pid1.pid if started.pid1 is not None else 0
-            ready = ("ready", started.child, (pid1, started.group))
+            ready = ("ready", started.child, (pid1, started.group, len(started.layers)))
             socket.send_fds(self.sock, [marshal.dumps(ready)], started.fds())
         finally:
-            for fd in (started.go_fd, started.read_fd, *started.outputs):
+            for fd in (started.go_fd, started.read_fd, *started.outputs, *started.layers):
                 os.close(fd)
         return True
 
