@@ -193,7 +193,9 @@ def test_in_process_in_between(module_list):
 
 @pytest.mark.isolated(scope="module")
 def test_module_3(module_list):
-    assert module_list[-1] == "in-process" or os.getpid() == 1
+    # In-process the unmarked test's entry is there; a container sets up the module's fixtures anew.
+    # (Under xdist --dist load the in-process test may have run on another worker.)
+    assert os.getpid() == 1 or module_list[-1:] in ([], ["in-process"])
 
 @pytest.mark.isolated(scope="module", hostname="other")
 def test_other_keywords_get_their_own_container(module_list):
