@@ -1,13 +1,15 @@
 """What a container minimally costs in this kernel, and what each of its pieces costs: a standalone prototype.
 
 A parent Python process about as big as pytest (by default 36 MB resident:
-pytest imported plus live objects, ``gc.freeze()``d) forks children in a
-loop.  Each child builds some of a container (new PID, mount, UTS and IPC
-namespaces, an identity-mapped user namespace that locks the mounts, a
-copy-on-write overlay of ``/`` on a tmpfs upper, a fresh ``/proc``), runs
-nothing and exits; the parent reaps it at once.  Variants remove one piece at
-a time, or replay pytest-lonely's own mount plan for this machine (and that
-plan minus a piece), so that every piece gets a price.
+pytest imported plus live objects, ``gc.freeze()``d; also one with filelock
+imported, whose ``os.register_at_fork`` hooks pytest-lonely's import of it
+installs, and a bare 18 MB Python) forks children in a loop.  Each child
+builds some of a container (new PID, mount, UTS and IPC namespaces, an
+identity-mapped user namespace that locks the mounts, a copy-on-write
+overlay of ``/`` on a tmpfs upper, a fresh ``/proc``), runs nothing and
+exits; the parent reaps it at once.  Variants remove one piece at a time, or
+replay pytest-lonely's own mount plan for this machine (and that plan minus
+a piece), so that every piece gets a price.
 
 What is counted is CPU, never wall time: the parent moves itself into a
 ``cpuacct`` cgroup made for each batch, so the batch's CPU is that of the
@@ -16,8 +18,10 @@ own context) to the nanosecond; the kernel threads' CPU over the batch
 (``/proc/PID/stat`` of every kthread: RCU callbacks, expedited grace periods,
 kworkers that free namespaces and mounts) is added, measured until the
 deferred work has settled; the whole machine's busy time (``/proc/stat``) is
-shown too but includes other users' load.  Batches of all variants are
-interleaved and shuffled, and each number is the median over rounds.
+kept in ``--json`` but includes other users' load.  The parent processes live
+side by side and the batches of every (parent, variant) pair are
+interleaved and shuffled, so that load lands on all alike; each number is the
+median over rounds.
 
 Root only.  Only the standard library (and pytest-lonely, for the rows that
 replay its plan) is used.  Nothing is left behind: every mount lives in a
@@ -350,8 +354,13 @@ def child(variant: Variant, ctx: Context) -> None:
         unshare(CLONE_NEWUTS | CLONE_NEWIPC)
 
 
-def one(variant: Variant, ctx: Context, pidns_fd: int) -> None:
-    """Fork one container the way pytest-lonely does (one fork: unshare the PID namespace, fork, setns back)."""
+def one(variant: Variant, ctx: Context, pidns_fd: int) -> float:
+    """Fork one container the way pytest-lonely does (one fork: unshare the PID namespace, fork, setns back).
+
+    Returns its CPU in seconds: the parent's (unshare, fork, setns, reap) and the child's whole life, its exit
+    included (``wait4``'s rusage of the reaped child).  Deferred kernel work (RCU, kworkers) is not in it.
+    """
+    start = time.thread_time()
     if variant.pidns:
         unshare(CLONE_NEWPID)
     pid = os.fork()
@@ -366,9 +375,25 @@ def one(variant: Variant, ctx: Context, pidns_fd: int) -> None:
             os._exit(status)
     if variant.pidns:
         setns(pidns_fd, CLONE_NEWPID)
-    _, status = os.waitpid(pid, 0)
+    _, status, usage = os.wait4(pid, 0)
     if status:
         raise RuntimeError(f"{variant.name}: child failed with status {status}")
+    return time.thread_time() - start + usage.ru_utime + usage.ru_stime
+
+
+def mixed(names: Sequence[str], ctx: Context, pidns_fd: int, count: int) -> dict[str, float]:
+    """``count`` containers of each variant, interleaved one by one in a new random order each time.
+
+    Returns the mean CPU (seconds) per container of each variant: drift in the machine's speed lands on all alike.
+    """
+    rng = random.Random()
+    totals: dict[str, float] = dict.fromkeys(names, 0.0)
+    order = list(names)
+    for _ in range(count):
+        rng.shuffle(order)
+        for name in order:
+            totals[name] += one(VARIANTS[name], ctx, pidns_fd)
+    return {name: total / count for name, total in totals.items()}
 
 
 # --- counting ------------------------------------------------------------------------------------
@@ -448,24 +473,72 @@ def rss_mb() -> float:
     return 0.0
 
 
-def worker(names: Sequence[str], rounds: int, count: int, rss: float) -> dict[str, Any]:
-    """Runs in a process of its own, grown to ``rss`` MB: interleaved, shuffled batches of every variant."""
-    if rss < 30:  # pytest-lonely imports pytest: its rows need a pytest-sized parent
-        names = [n for n in names if not VARIANTS[n].root.startswith("lonely")]
+def stub_filelock() -> None:
+    """pytest-lonely imports filelock, whose os.register_at_fork hooks run Python at every fork: keep it out."""
+    import types
+
+    stub: Any = types.ModuleType("filelock")
+    stub.FileLock = object  # never called here
+    sys.modules["filelock"] = stub
+
+
+def worker(parent: str, commands: Any, answers: Any) -> None:
+    """A parent process as ``parent`` says; runs batches on command ("batch VARIANT COUNT"), answers in JSON.
+
+    ``parent`` is a VmRSS in MB, with ``+filelock`` if filelock (and its at-fork hooks) is to be imported.
+    """
+    rss = float(parent.split("+", maxsplit=1)[0])
+    if parent.endswith("+filelock"):
+        import filelock  # noqa: F401
+    else:
+        stub_filelock()
     got = grow_to(rss)
-    plans = lonely_plans() if any(VARIANTS[n].root.startswith("lonely") for n in names) else {}
+    plans = lonely_plans() if rss >= 30 else {}  # pytest-lonely imports pytest: its rows need a pytest-sized parent
     ctx = Context(identity_userns(), plans)
     pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    rng = random.Random()
-    results: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
-    for name in names:  # warm-up
-        batch(VARIANTS[name], ctx, pidns_fd, max(count // 10, 3))
-    for _ in range(rounds):
-        order = list(names)
-        rng.shuffle(order)
-        for name in order:
-            results[name].append(batch(VARIANTS[name], ctx, pidns_fd, count))
-    return {"rss": got, "results": results}
+    answers.write(json.dumps({"rss": got, "lonely": bool(plans)}) + "\n")
+    answers.flush()
+    for line in commands:
+        parts = line.split()
+        if len(parts) != 3 or parts[0] not in ("batch", "mixed"):
+            break
+        if parts[0] == "batch":
+            result = batch(VARIANTS[parts[1]], ctx, pidns_fd, int(parts[2]))
+        else:
+            result = mixed(parts[1].split(","), ctx, pidns_fd, int(parts[2]))
+        answers.write(json.dumps(result) + "\n")
+        answers.flush()
+
+
+class Parent:
+    """The orchestrator's handle on one worker process."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        self.info: dict[str, Any] = json.loads(self.proc.stdout.readline())
+
+    def batch(self, name: str, count: int, command: str = "batch") -> dict[str, float]:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(f"{command} {name} {count}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.spec} died running {name}")
+        result: dict[str, float] = json.loads(line)
+        return result
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        self.proc.wait()
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -475,31 +548,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--count", type=int, default=200, help="containers per batch")
     parser.add_argument(
-        "--sizes", default="36,12", help="parent VmRSS in MB, comma-separated (12: bare Python, nothing imported)"
+        "--count", type=int, default=100, help="containers per cgroup batch, for kernel threads' CPU (0: skip)"
+    )
+    parser.add_argument("--mixed-count", type=int, default=40, help="containers of each variant per paired round")
+    parser.add_argument(
+        "--parents",
+        default="36,36+filelock,12",
+        help="parent VmRSS in MB, comma-separated, '+filelock' to import filelock (12: bare Python, nothing imported)",
     )
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--worker", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        print(json.dumps(worker(args.variants, args.rounds, args.count, args.worker)))
+        worker(args.worker, sys.stdin, sys.stdout)
         return 0
     if os.geteuid() != 0:
         parser.error("needs root (namespaces, mounts, cgroups)")
     load_before = os.getloadavg()
-    sizes = [float(s) for s in args.sizes.split(",") if s]
-    outputs: dict[float, dict[str, Any]] = {}
-    for size in sizes:
-        done = subprocess.run(
-            [sys.executable, __file__, "--worker", str(size), "--rounds", str(args.rounds), "--count", str(args.count),
-             "--variants", *args.variants],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if done.returncode:
-            print(done.stderr[-3000:], file=sys.stderr)
-            return 1
-        outputs[size] = json.loads(done.stdout.splitlines()[-1])
+    sizes = [s for s in args.parents.split(",") if s]
+    outputs: dict[str, dict[str, Any]] = {}
+    parents = {spec: Parent(spec) for spec in sizes}
+    try:
+        jobs = [
+            (spec, name)
+            for spec in sizes
+            for name in args.variants
+            if parents[spec].info["lonely"] or not VARIANTS[name].root.startswith("lonely")
+        ]
+        for spec, name in jobs:  # warm-up
+            parents[spec].batch(name, max(args.count // 10, 3))
+        results: dict[str, dict[str, list[dict[str, float]]]] = {spec: collections.defaultdict(list) for spec in sizes}
+        paired: dict[str, dict[str, list[float]]] = {spec: collections.defaultdict(list) for spec in sizes}
+        rng = random.Random()
+        order = list(sizes)
+        for round_no in range(args.rounds):
+            rng.shuffle(jobs)
+            rng.shuffle(order)
+            print(f"round {round_no + 1}/{args.rounds}, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+            for spec in order:
+                names = ",".join(name for s, name in jobs if s == spec)
+                for name, value in parents[spec].batch(names, args.mixed_count, "mixed").items():
+                    paired[spec][name].append(value)
+            if args.count:
+                for spec, name in jobs:
+                    results[spec][name].append(parents[spec].batch(name, args.count))
+        for spec in sizes:
+            outputs[spec] = {"rss": parents[spec].info["rss"], "results": results[spec], "paired": paired[spec]}
+    finally:
+        for p in parents.values():
+            p.close()
     load_after = os.getloadavg()
     print(
         f"machine: nproc {os.cpu_count()}, kernel {platform.release()}, python {platform.python_version()}, "
@@ -508,39 +606,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"command: `{shlex.join([sys.executable, *sys.argv])}`")
     print(
-        f"per container: CPU of {args.count} containers in a batch / {args.count}, median of {args.rounds} "
-        "interleaved rounds; 'ours' = the batch's cpuacct cgroup (parent + children, exit included), "
-        "'kthreads' = kernel threads over the batch and 0.3 s after, 'machine' = /proc/stat (includes others' load)"
+        f"per container, median of {args.rounds} rounds: 'paired' = CPU of the parent (unshare, fork, setns, reap) "
+        f"and of the child's whole life including its exit (wait4 rusage), {args.mixed_count} containers of every "
+        "variant per round interleaved one by one; 'kthreads' = kernel threads' CPU over a batch of "
+        f"{args.count} containers of one variant and 0.3 s after (10 ms ticks: coarse); 'cgroup' = that batch's "
+        "cpuacct CPU (/proc/stat in --json)"
     )
     print()
     header = ["variant"]
     for size in sizes:
         rss = outputs[size]["rss"]
-        header += [f"{rss:.0f} MB: ours", "user", "kthreads", "ours+kthreads", "- fork", "machine"]
+        label = f"{rss:.0f} MB{' + filelock' if size.endswith('+filelock') else ''}"
+        header += [f"{label}: paired", "- bare fork", "kthreads", "cgroup"]
     rows = []
     for name in args.variants:
         row = [VARIANTS[name].title]
         for size in sizes:
             res = outputs[size]["results"]
-            if name not in res:
-                row += ["—"] * 6
+            pair = outputs[size]["paired"]
+            if name not in pair:
+                row += ["—"] * 4
                 continue
+            mine = statistics.median(pair[name]) * 1000
+            base = statistics.median(pair["fork"]) * 1000 if "fork" in pair else None
 
-            def med(key: Callable[[dict[str, float]], float], which: str = name, res: Any = res) -> float:
-                values: list[float] = [key(r) for r in res[which]]
-                return statistics.median(values) * 1000 / int(args.count)
+            def med(key: str, res: Any = res, name: str = name) -> str:
+                values: list[float] = [r[key] for r in res.get(name, [])]
+                return f"{statistics.median(values) * 1000 / int(args.count):.3f}" if values else "—"
 
-            ours = med(lambda r: r["ours"])
-            both = med(lambda r: r["ours"] + r["kthreads"])
-            base = med(lambda r: r["ours"] + r["kthreads"], "fork") if "fork" in res else None
-            row += [
-                f"{ours:.3f}",
-                f"{med(lambda r: r['user']):.3f}",
-                f"{med(lambda r: r['kthreads']):.3f}",
-                f"{both:.3f}",
-                f"{both - base:+.3f}" if base is not None else "—",
-                f"{med(lambda r: r['machine']):.3f}",
-            ]
+            row += [f"{mine:.3f}", f"{mine - base:+.3f}" if base is not None else "—", med("kthreads"), med("ours")]
         rows.append(row)
     print("| " + " | ".join(header) + " |")
     print("|---|" + "---:|" * (len(header) - 1))

@@ -119,7 +119,7 @@ LABELS: Final = (
     # Marks: a container's CPU and faults since its fork, when it gets there (summed over containers).
     "ct@ 1 init.main entry (after CPython's and everyone's at-fork hooks)",
     "ct@ 2 _pid1 entry (guard, cgroup, unshare mnt)",
-    "ct@ 3 close_fds_except (root built, switched, locked)",
+    "ct@ 3 close_fds_except (root built, locked)",
     "ct@ 4 _await_go entry (after prefault take_ahead)",
     "ct@ 5 body start (GO read, body made)",
     "ct@ 6 runtestprotocol entry",
@@ -218,11 +218,12 @@ def container_started():
     os._exit = _exit
 
 
-def at(label, only_container=True):
+def at(label, rename):
     def make(original):
         def wrapper(*args, **kwargs):
-            if STATE["container"] or not only_container:
+            if STATE["container"]:
                 add(label, _cpu(), faults())
+                name(rename)
             return original(*args, **kwargs)
         return wrapper
     return make
@@ -231,6 +232,7 @@ def at(label, only_container=True):
 def make_await_go(original):
     def wrapper(*args, **kwargs):
         add("ct@ 4 _await_go entry (after prefault take_ahead)", _cpu(), faults())
+        name("lz-ct-go")
         start, f0 = _cpu(), faults()
         try:
             return original(*args, **kwargs)
@@ -242,12 +244,14 @@ def make_await_go(original):
 def make_runtestprotocol(original):
     def wrapper(*args, **kwargs):
         add("ct@ 6 runtestprotocol entry", _cpu(), faults())
+        name("lz-ct-test")
         start, f0 = _cpu(), faults()
         try:
             return original(*args, **kwargs)
         finally:
             add("ct: runtestprotocol", _cpu() - start, faults() - f0)
             add("ct@ 7 runtestprotocol exit", _cpu(), faults())
+            name("lz-ct-tail")
     return wrapper
 
 
@@ -285,7 +289,7 @@ def pytest_configure(config):
     patch(sb + ".zygote", "_Server._reap", timed("zygote: _reap"))
     patch(sb + ".pool", "_serve", renamed("lz-pool"))
     patch(sb + ".pool", "_build", timed("pool: _build (mount tree, namespaces)"))
-    patch(sb + ".init", "main", renamed("lz-ct", container_started))
+    patch(sb + ".init", "main", renamed("lz-ct-init", container_started))
     patch(sb + ".rootfs", "apply", timed("rootfs.apply (the mount plan, in a container or the pool helper)"))
     for fn in ("enter_scratch", "switch_root", "mount_proc"):
         patch(sb + ".rootfs", fn, timed("rootfs.enter_scratch + switch_root + mount_proc + _seal_proc"))
@@ -294,8 +298,8 @@ def pytest_configure(config):
     patch(sb + ".prefault", "snapshot", timed("ct: prefault snapshot (pagemap scan)"))
     patch(sb + ".prefault", "record", timed("ct: prefault record (after DONE)"))
     patch(sb + ".init", "_await_go", make_await_go)
-    patch(sb + ".init", "_pid1", at("ct@ 2 _pid1 entry (guard, cgroup, unshare mnt)"))
-    patch(sb + "._syscalls", "close_fds_except", at("ct@ 3 close_fds_except (root built, switched, locked)"))
+    patch(sb + ".init", "_pid1", at("ct@ 2 _pid1 entry (guard, cgroup, unshare mnt)", "lz-ct-build"))
+    patch(sb + "._syscalls", "close_fds_except", at("ct@ 3 close_fds_except (root built, locked)", "lz-ct-pref"))
     patch("pytest_lonely.child", "body_for", make_body_for)
     patch("pytest_lonely._pytest_compat", "runtestprotocol", make_runtestprotocol)
     patch("pytest_lonely.wire", "encode_report", timed("ct: encode_report"))
@@ -487,8 +491,8 @@ KERNEL_RULES: Final[tuple[tuple[str, frozenset[str]], ...]] = tuple(
             "namespace_unlock drop_collected_mounts put_pid_ns free_pid_ns",
         ),
         ("exit: rest of do_exit (files, signals)", "do_exit do_group_exit release_task"),
-        ("mount plan: pivot_root", "__x64_sys_pivot_root"),
-        ("mount plan: umount", "__x64_sys_umount ksys_umount"),
+        ("mount plan: pivot_root", "__x64_sys_pivot_root __do_sys_pivot_root"),
+        ("mount plan: umount", "__x64_sys_umount ksys_umount path_umount"),
         ("mount plan: proc mount", "proc_fill_super proc_get_tree"),
         ("mount plan: overlay mount", "ovl_fill_super ovl_get_tree ovl_parse_param ovl_get_layers ovl_lookup_layer"),
         (
@@ -505,7 +509,8 @@ KERNEL_RULES: Final[tuple[tuple[str, frozenset[str]], ...]] = tuple(
             "__x64_sys_fchdir __x64_sys_newstat __x64_sys_newlstat __x64_sys_newfstatat __x64_sys_statx "
             "__x64_sys_openat __x64_sys_open __x64_sys_chmod __x64_sys_fchmodat __x64_sys_readlink "
             "__x64_sys_readlinkat __x64_sys_getdents64 __x64_sys_access __x64_sys_faccessat2 __x64_sys_unlink "
-            "__x64_sys_unlinkat __x64_sys_rename __x64_sys_renameat2 __x64_sys_getcwd",
+            "__x64_sys_unlinkat __x64_sys_rename __x64_sys_renameat2 __x64_sys_getcwd __do_sys_newfstatat "
+            "vfs_fstatat __do_sys_newlstat __do_sys_newstat do_mkdirat do_symlinkat",
         ),
         ("wait / reap", "__x64_sys_wait4 __x64_sys_waitid kernel_waitid do_wait"),
         (
@@ -520,7 +525,8 @@ KERNEL_RULES: Final[tuple[tuple[str, frozenset[str]], ...]] = tuple(
         ("poll / select", "__x64_sys_poll __x64_sys_ppoll __x64_sys_select __x64_sys_pselect6 do_sys_poll"),
         (
             "mmap / munmap / brk / mprotect",
-            "__x64_sys_mmap __x64_sys_munmap __x64_sys_brk __x64_sys_mprotect vm_mmap_pgoff __vm_munmap",
+            "__x64_sys_mmap __x64_sys_munmap __x64_sys_brk __x64_sys_mprotect vm_mmap_pgoff __vm_munmap "
+            "__do_sys_mremap __do_sys_brk",
         ),
         ("exec", "__x64_sys_execve __x64_sys_execveat"),
         ("scheduler (context switches, wake-ups)", "schedule __schedule finish_task_switch schedule_tail"),
@@ -597,6 +603,7 @@ def parse_perf(text: Iterable[str], root: int) -> Profile:
     parent: dict[int, int] = {}
     last_comm: dict[int, str] = {}
     by_pid: dict[tuple[int, str, str], float] = collections.defaultdict(float)
+    by_comm: dict[tuple[int, str, str], float] = collections.defaultdict(float)
     kthread_samples: dict[tuple[str, str], float] = collections.defaultdict(float)
     comm = ""
     pid = -1
@@ -622,6 +629,7 @@ def parse_perf(text: Iterable[str], root: int) -> Profile:
         else:
             phase, detail = kernel_phase(chain)
             by_pid[(pid, phase, detail)] += seconds
+            by_comm[(pid, comm, phase)] += seconds
 
     for line in text:
         if "PERF_RECORD_" in line:
@@ -662,6 +670,9 @@ def parse_perf(text: Iterable[str], root: int) -> Profile:
     for (phase, detail), value in kthread_samples.items():
         seconds[("kernel threads", phase)] += value
         details[(f"kthread {phase}", detail)] += value
+    for (p, comm, phase), value in by_comm.items():
+        if roles.get(p) == "test child":
+            details[(f"container {ct_phase(comm)}", kernel_group(phase))] += value
     return Profile(dict(seconds), dict(details))
 
 
@@ -671,21 +682,55 @@ def assign_roles(root: int, parent: dict[int, int], last_comm: dict[int, str]) -
     for child, ppid in parent.items():
         children[ppid].append(child)
     roles = {root: "wrapper"}
-    named = {"lz-zygote": "zygote", "lz-ct": "test child", "lz-pool": "prebuild helper"}
+
+    def named(pid: int, otherwise: str) -> str:
+        comm = last_comm.get(pid, "")
+        if comm.startswith("lz-ct"):
+            return "test child"
+        return {"lz-zygote": "zygote", "lz-pool": "prebuild helper"}.get(comm, otherwise)
 
     def walk(pid: int, inherited: str) -> None:
         for child in children.get(pid, []):
-            role = named.get(last_comm.get(child, ""), inherited)
+            role = named(child, inherited)
             roles[child] = role
             walk(child, role)
 
     for pytest_pid in children.get(root, []):
         roles[pytest_pid] = "pytest"
         for child in children.get(pytest_pid, []):
-            role = named.get(last_comm.get(child, ""), "other child of pytest")
+            role = named(child, "other child of pytest")
             roles[child] = role
             walk(child, role)
     return roles
+
+
+#: A container's phases, by the name the conftest gives it on the way (before init.main it has its parent's).
+CT_PHASES: Final = {
+    "lz-ct-init": "2 init.main until _pid1 (guard, cgroup, unshare mnt)",
+    "lz-ct-build": "3 build the root, /proc, lock",
+    "lz-ct-pref": "4 prefault take_ahead, until _await_go",
+    "lz-ct-go": "5 wait for GO, make the body, until runtestprotocol",
+    "lz-ct-test": "6 runtestprotocol (the test's phases and reports)",
+    "lz-ct-tail": "7 after the test: DONE, prefault record, exit",
+}
+CT_BEFORE_MAIN: Final = "1 fork until init.main (at-fork hooks)"
+
+
+def ct_phase(comm: str) -> str:
+    return CT_PHASES.get(comm, CT_BEFORE_MAIN)
+
+
+def kernel_group(phase: str) -> str:
+    """Coarse kinds of kernel work, for the container timeline table."""
+    if phase == "user":
+        return "user"
+    if "fault" in phase or phase.startswith("madvise"):
+        return "page faults (incl. prefault madvise)"
+    if phase.startswith(("mount", "ns create", "setns", "fs syscalls")):
+        return "mounts, namespaces, fs"
+    if phase.startswith("exit"):
+        return "exit (exit_mmap, teardown)"
+    return "other kernel"
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -882,6 +927,7 @@ def report(runs: list[Run], chosen: list[str], n: int, n0: int) -> list[str]:
         return m(name, value, "profile")
 
     ours = ROLES[:-2]
+    out += summary(runs, profiled, m)
 
     def role_is(role: str) -> Callable[[str, str], bool]:
         return lambda r, _p: r == role
@@ -929,7 +975,20 @@ def report(runs: list[Run], chosen: list[str], n: int, n0: int) -> list[str]:
     out.append("")
 
     lonely = [name for name in profiled if VARIANTS[name].python == "lonely" and VARIANTS[name].baseline]
-    detail_keys = sorted({k for r in runs if r.mode == "profile" and r.variant in lonely for k in r.details})
+    groups: tuple[str, ...] = ("user", "page faults (incl. prefault madvise)", "mounts, namespaces, fs")
+    groups += ("exit (exit_mmap, teardown)", "other kernel")
+    for name in lonely:
+        out += [f"### perf: a container's life by phase, {VARIANTS[name].title} (ms per test)", ""]
+        rows = []
+        for phase in (CT_BEFORE_MAIN, *CT_PHASES.values()):
+            parts = [m(name, detail_of(f"container {phase}|{g}"), "profile") for g in groups]
+            ct_total = sum(v or 0.0 for v in parts)
+            rows.append([phase, *(cell(v) for v in parts), f"**{ct_total:.2f}**"])
+        out += markdown(["container phase", *groups, "total"], rows)
+        out.append("")
+    detail_keys = sorted(
+        {k for r in runs if r.mode == "profile" and r.variant in lonely for k in r.details if not k.startswith("cont")}
+    )
     rows = []
     for key in detail_keys:
         values = [m(name, detail_of(key), "profile") for name in lonely]
@@ -960,6 +1019,114 @@ def report(runs: list[Run], chosen: list[str], n: int, n0: int) -> list[str]:
             continue
         rows.append([label, *(f"{cell(cpu)} / {cell(f, '.0f')}" for cpu, f in pairs)])
     out += markdown(["phase", *(VARIANTS[name].title for name in lonely)], rows)
+    return out
+
+
+#: The issue's phases, each a set of (process role, perf phase) cells and conftest labels; first match wins.
+SUMMARY: Final = (
+    "pytest: user (hooks, the plugin, decoding and logging reports)",
+    "pytest: kernel, other than fork and page faults",
+    "zygote: user",
+    "zygote: kernel, other than fork and page faults",
+    "test child: user (Python: at-fork hooks, build, GO, the test's phases, frames)",
+    "fork: page-table copy (dup_mmap) and the rest of copy_process",
+    "copy-on-write faults (do_wp_page)",
+    "other page faults, and fault entry/exit",
+    "prefault in the kernel: MADV_POPULATE_WRITE, pagemap and maps scans",
+    "namespace creation (unshare, setns; copy_mnt_ns, copy_net_ns)",
+    "mount plan (mount, overlay, proc, pivot_root, umount)",
+    "mount and namespace teardown in the task (put_mnt_ns, cleanup_mnt, superblocks)",
+    "exit_mmap (unmap, free page tables)",
+    "rest of exit (files, signals, release)",
+    "kernel threads: RCU callbacks and grace periods, kworkers (free_ipc, cleanup_net, delayed_mntput)",
+    "kernel threads: others (kdamond, kswapd, ...)",
+    "prebuild helper (all of it)",
+    "other kernel work of the test child (pipes, poll, sockets, other syscalls)",
+    "other child of pytest (pytest-forked's test child: all of it but user)",
+    "file syscalls (mkdir, stat, open, symlink: the mount plan's, pytest-forked's temporary files)",
+)
+
+
+def summary_row(role: str, phase: str) -> str | None:
+    """Which SUMMARY row a (role, perf phase) cell belongs to."""
+    if role in ("idle", "others (not ours)", "wrapper"):
+        return None
+    if role == "prebuild helper":
+        return SUMMARY[16]
+    if role == "kernel threads":
+        return SUMMARY[14] if phase.startswith(("kworker", "rcu", "ksoftirqd")) else SUMMARY[15]
+    if phase == "user":
+        return {"pytest": SUMMARY[0], "zygote": SUMMARY[2]}.get(role, SUMMARY[4])
+    prefixes = (
+        ("fork:", 5),
+        ("CoW", 6),
+        ("other page faults", 7),
+        ("page faults", 7),
+        ("madvise", 8),
+        ("prefault", 8),
+        ("ns create", 9),
+        ("setns", 9),
+        ("mount plan", 10),
+        ("fs syscalls", 19),
+        ("mount teardown", 11),
+        ("exit: namespace", 11),
+        ("exit: exit_mmap", 12),
+        ("exit:", 13),
+    )
+    for prefix, index in prefixes:
+        if phase.startswith(prefix):
+            return SUMMARY[index]
+    if role == "other child of pytest":
+        return SUMMARY[18]
+    return {"pytest": SUMMARY[1], "zygote": SUMMARY[3]}.get(role, SUMMARY[17])
+
+
+Marginal = Callable[[str, Callable[["Run"], float], str], "float | None"]
+
+
+def summary(runs: list[Run], profiled: list[str], m: Marginal) -> list[str]:
+    """The per-phase table the issue asks for: perf cells grouped, plus the conftest's Python-level shares."""
+    out = ["### Per-phase CPU of one trivial isolated test (perf, ms per test, median of profile rounds)", ""]
+
+    def row_value(row: str) -> Callable[[Run], float]:
+        def value(r: Run) -> float:
+            return sum(v for k, v in r.profile.items() if summary_row(*k.split("|", 1)) == row)
+
+        return value
+
+    rows = []
+    totals = [0.0] * len(profiled)
+    for row in SUMMARY:
+        values = [m(name, row_value(row), "profile") for name in profiled]
+        if max(abs(v or 0.0) for v in values) < 0.02:
+            continue
+        totals = [t + (v or 0.0) for t, v in zip(totals, values, strict=True)]
+        rows.append([row, *(cell(v) for v in values)])
+    rows.append(["**total (all of ours + kernel threads)**", *(f"**{t:.2f}**" for t in totals)])
+
+    def labels_sum(names: tuple[str, ...]) -> Callable[[Run], float]:
+        return lambda r: sum(r.phases.get(x, [0.0, 0, 0])[0] for x in names)
+
+    extra = (
+        ("frames out: encode_report, marshal, write", ("ct: encode_report", "ct: Sender (marshal + write)")),
+        ("frames in: decode and log the reports", ("pytest: on_frame (decode and log the reports)",)),
+        ("prefault: take_ahead, snapshot, record", (
+            "ct: prefault take_ahead (MADV_POPULATE_WRITE)", "ct: prefault snapshot (pagemap scan)",
+            "ct: prefault record (after DONE)")),
+        ("replaying the mount plan", (
+            "rootfs.apply (the mount plan, in a container or the pool helper)",
+            "rootfs.enter_scratch + switch_root + mount_proc + _seal_proc")),
+    )  # fmt: skip
+    for title, names in extra:
+        values = [
+            m(name, labels_sum(names), "profile")
+            if VARIANTS[name].python == "lonely" and VARIANTS[name].baseline
+            else None
+            for name in profiled
+        ]
+        rows.append([f"*of which (conftest clocks, user+sys): {title}*", *(cell(v) for v in values)])
+    out += markdown(["phase", *(VARIANTS[name].title for name in profiled)], rows)
+    out.append("")
     return out
 
 

@@ -165,8 +165,8 @@ def micro_worker(size_mb: float, mode: str, commands: IO[str], answers: IO[str])
     import pytest  # noqa: F401
 
     ballast = allocate_to(size_mb)
+    objects = gc.get_objects()  # before the freeze: frozen objects are not listed
     gc.freeze()
-    objects = gc.get_objects()
     rng = random.Random(1)
     setup: dict[str, Any] = {"rss_mb": rss_kb() / 1024}
     if mode == "collapse":
@@ -265,8 +265,11 @@ class Worker:
 
     def close(self) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # it died: its error is on stderr
         self.proc.wait()
         for _ in range(100):
             try:
