@@ -14,6 +14,7 @@ visible at the call.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import stat
@@ -22,7 +23,6 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Generic, TypeVar
 
-import filelock
 
 __all__ = ["FileMemo", "build_once", "file_identity", "remove_tree"]
 
@@ -51,8 +51,7 @@ def build_once(
         return dest, False
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(directory / f"{key}.lock"))
-        lock.acquire()
+        lock = _lock(directory / f"{key}.lock")
     except OSError as exc:
         raise unusable(exc) from exc
     try:
@@ -77,7 +76,23 @@ def build_once(
             raise
         return dest, True
     finally:
-        lock.release()
+        os.close(lock)  # closing the file releases the flock
+
+
+def _lock(path: Path) -> int:
+    """Hold an exclusive ``flock`` on ``path`` (made if missing); close the returned fd to release it.
+
+    ``fcntl.flock`` rather than the filelock package: importing filelock
+    registers ``os.register_at_fork`` hooks that run Python around every fork
+    of the process, a container's included (measured: +0.5 ms of CPU per fork).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _remove_stale_temps(directory: Path, key: str) -> None:

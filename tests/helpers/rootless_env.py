@@ -33,7 +33,7 @@ NOBODY = 65534
 #: what uid 65534 leaves in /tmp, and the environment is built once.
 XDIST_GROUP = pytest.mark.xdist_group("nobody")
 #: What the plugin itself needs besides pytest and pytest's own requirements.
-PLUGIN_DISTRIBUTIONS = ("pluggy", "filelock")
+PLUGIN_DISTRIBUTIONS = ("pluggy",)
 #: A plain environment for the inner sessions: nothing of the outer pytest (PYTEST_ADDOPTS, coverage, xdist).
 CLEAN_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
