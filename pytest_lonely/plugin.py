@@ -20,6 +20,7 @@ from .container import Container
 from .errors import LonelyWarning
 from .runner import IsolatedRun, close_group
 from .sandbox import archive, image, namespaces
+from .sandbox.hugepages import Heap
 from .session import SESSION_KEY, Session, engine_tuning
 
 
@@ -141,6 +142,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     extra = ", isolating all tests" if state.options.all else ""
     timeout = f", timeout {state.defaults.timeout:g}s" if state.defaults.timeout else ""
     lines = [f"lonely: {mode} mode, namespaces {names}, rootfs {root}{timeout}{extra}"]
+    if config.get_verbosity() > 0:
+        why = Heap(engine_tuning()[1]).unavailable
+        if why is not None:
+            lines.append(f"lonely: pytest's heap stays on small pages ({why}): forks cost more as it grows")
     if state.defaults.privileged and not state.rootless:
         lines.append(
             f"lonely: privileged by default ({state.defaults.origin('privileged')}): isolated tests run as host "

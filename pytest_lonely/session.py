@@ -80,7 +80,8 @@ class Session:
     def engine(self) -> Engine:
         """The engine, built as :func:`engine_tuning` says."""
         if self._engine is None:
-            self._engine = Engine(self.rootless, prefork=engine_tuning())
+            prefork, hugepages = engine_tuning()
+            self._engine = Engine(self.rootless, prefork=prefork, hugepages=hugepages)
         return self._engine
 
     def plan(self, rootfs_dir: Path | None, network: bool, tmp: bool) -> tuple[rootfs.PlanKey, rootfs.Plan]:
@@ -156,19 +157,26 @@ class Session:
 
 SESSION_KEY: Final = pytest.StashKey[Session]()
 
-#: ``PYTEST_LONELY_PREBUILD``: value -> whether containers may come from a zygote.
-_PREBUILD: Final = {"1": True, "0": False}
+#: The engine's tuning variables, for troubleshooting and benchmarks: name -> {value: meaning}.
+_TUNING: Final = {
+    "PYTEST_LONELY_PREBUILD": {"1": True, "0": False},
+    "PYTEST_LONELY_HUGEPAGES": {"1": True, "0": False},
+}
 
 
-def engine_tuning() -> bool:
-    """Whether containers may come from a zygote: ``PYTEST_LONELY_PREBUILD``, ``1`` (the default) or ``0``.
+def engine_tuning() -> tuple[bool, bool]:
+    """(containers may come from a zygote, pytest's heap goes on huge pages) from the environment.
 
-    Raises :class:`~pytest_lonely.settings.SettingError`.
+    ``PYTEST_LONELY_PREBUILD`` and ``PYTEST_LONELY_HUGEPAGES``: ``1`` (the
+    default) or ``0``.  Raises :class:`~pytest_lonely.settings.SettingError`.
     """
-    prebuild = os.environ.get("PYTEST_LONELY_PREBUILD", "1")
-    if prebuild not in _PREBUILD:
-        raise SettingError(f"PYTEST_LONELY_PREBUILD={prebuild!r} from the environment: use 1 (default) or 0")
-    return _PREBUILD[prebuild]
+    chosen = []
+    for name, values in _TUNING.items():
+        value = os.environ.get(name, "1")
+        if value not in values:
+            raise SettingError(f"{name}={value!r} from the environment: use 1 (default) or 0")
+        chosen.append(values[value])
+    return chosen[0], chosen[1]
 
 
 def cache_dir() -> Path:

@@ -23,7 +23,6 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Generic, TypeVar
 
-
 __all__ = ["FileMemo", "build_once", "file_identity", "remove_tree"]
 
 V = TypeVar("V")

@@ -18,6 +18,7 @@ from typing import Any
 from . import cgroup, changes, fork
 from .box import EXIT_WAIT, Box, OnFrame, Outcome, wait_child
 from .cgroup_supply import CgroupSupply, remove
+from .hugepages import Heap
 from .keeper import Keeper, KeeperError
 from .spec import ContainerSpec, Factory, Work
 from .zygote import Zygote, ZygoteError, eligible
@@ -38,7 +39,7 @@ class ZygoteSlot:
         #: Zygotes stopped and not reaped yet: the engine reaps them with its other children.
         self.retired: list[int] = []
 
-    def get(self, key: Hashable, factory: Factory, keeper: Keeper, keep: tuple[int, ...]) -> Zygote | None:
+    def get(self, key: Hashable, factory: Factory, keeper: Keeper, keep: tuple[int, ...], heap: Heap) -> Zygote | None:
         if self.zygote is not None and self.zygote.key != key:
             self.stop()
         if self.zygote is None:
@@ -46,6 +47,7 @@ class ZygoteSlot:
                 self._last_key = key
                 return None
             try:
+                heap.prepare()
                 self.zygote = Zygote.start(key, factory, keeper, keep)
             except OSError as exc:
                 self.broken = f"cannot fork a zygote: {exc}"
@@ -67,8 +69,10 @@ class ZygoteSlot:
 class Engine:
     """Makes containers for one process and accounts for every one of them until it is reaped."""
 
-    def __init__(self, rootless: bool, prefork: bool = True) -> None:
+    def __init__(self, rootless: bool, prefork: bool = True, hugepages: bool = True) -> None:
         self.rootless = rootless
+        #: This process's heap on huge pages before it forks (see hugepages.py).
+        self.heap = Heap(hugepages)
         self._pidns_fd = -1 if rootless else os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self._keeper: Keeper | None = None
         self._prefork = prefork
@@ -161,6 +165,7 @@ class Engine:
 
     def _direct(self, spec: ContainerSpec, work: Work, keeper: Keeper, group: cgroup.Cgroup | None) -> Box:
         cgroup_fds = tuple(group.attach_fds()) if group is not None else ()
+        self.heap.prepare()
         try:
             started = fork.start(spec, work.factory, own_pidns=self._pidns_fd, cgroup_fds=cgroup_fds)
         finally:
@@ -191,7 +196,7 @@ class Engine:
         before it is handed its test: what it copied while it waited stays
         charged to pytest's own cgroup, a few MiB the limit does not count.
         """
-        zygote = self.zygotes.get((work.key, spec.keep_fds), work.factory, keeper, spec.keep_fds)
+        zygote = self.zygotes.get((work.key, spec.keep_fds), work.factory, keeper, spec.keep_fds, self.heap)
         if zygote is None:
             return None
         try:

@@ -337,6 +337,7 @@ def _free_port() -> int:
     [
         ("PYTEST_LONELY_PREBUILD", "yes", "use 1 (default) or 0"),
         ("PYTEST_LONELY_PREBUILD", "namespaces", "use 1 (default) or 0"),
+        ("PYTEST_LONELY_HUGEPAGES", "yes", "use 1 (default) or 0"),
     ],
 )
 def test_a_bad_tuning_variable_is_a_usage_error(
