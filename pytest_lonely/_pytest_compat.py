@@ -290,7 +290,7 @@ def protocol_context(item: pytest.Item) -> object:
     return repr([(mark.args, mark.kwargs) for mark in item.iter_markers("filterwarnings")])
 
 
-def disown_inherited_setup(item: pytest.Item) -> None:
+def disown_inherited_setup(session: pytest.Session) -> None:
     """In a container: what the parent set up is the parent's to tear down, never the container's.
 
     The container inherits the parent's setup stack, finalizers included.
@@ -298,7 +298,7 @@ def disown_inherited_setup(item: pytest.Item) -> None:
     them down here runs only what was set up here: the container's own
     fixtures of every scope, module ones included for a module-wide container.
     """
-    state = _setupstate(item)
+    state = session._setupstate
     for col, (_, exc) in list(state.stack.items()):
         state.stack[col] = ([], exc)
 

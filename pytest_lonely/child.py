@@ -63,6 +63,8 @@ class Forwarder:
         #: Inside a container: its description (the ``container`` fixture), and the test it was made for.
         self.container: Container | None = None
         self.first_item: pytest.Item | None = None
+        #: Whether this copy of pytest was made a container's (see :func:`prepare_copy`).
+        self.prepared = False
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -89,19 +91,33 @@ def _forwarder(config: pytest.Config) -> Forwarder:
     return forwarder
 
 
+def prepare_copy(session: pytest.Session) -> None:
+    """What makes a copy of pytest a container's, the same in every container (done once in a zygote).
+
+    Every other implementation of the two hooks the forwarder sends is
+    silenced (terminal, junitxml, ``-x`` and xdist act in the parent), and the
+    parent's setup stack is disowned: what the parent set up, the parent tears
+    down; what is set up here, here.
+    """
+    config = session.config
+    forwarder = _forwarder(config)
+    if forwarder.prepared:
+        return
+    compat.silence_hook(config.pluginmanager, "pytest_runtest_logreport", forwarder)
+    compat.silence_hook(config.pluginmanager, "pytest_warning_recorded", forwarder)
+    compat.disown_inherited_setup(session)
+    forwarder.prepared = True
+
+
 def _take_over(item: pytest.Item, container: Container, inside: Inside) -> Forwarder:
     """The first order a container runs: from now on this process is a container, not a copy of pytest."""
-    pm = item.config.pluginmanager
     forwarder = _forwarder(item.config)
     forwarder.container = dataclasses.replace(container, host_pid=inside.host_pid, _ask=inside.ask)
     forwarder.first_item = item
     # Output goes to this container's own files from now on: nothing it prints after its test is over
     # can land in the next test's captured output.
     compat.redirect_capture(item.config, *inside.outputs)
-    compat.silence_hook(pm, "pytest_runtest_logreport", forwarder)
-    compat.silence_hook(pm, "pytest_warning_recorded", forwarder)
-    # What the parent set up is torn down by the parent; what is set up here, here.
-    compat.disown_inherited_setup(item)
+    prepare_copy(item.session)
     return forwarder
 
 

@@ -261,7 +261,7 @@ class IsolatedRun:
         if self._need_status():
             return Work(factory=factory)
         key = (self.state.generation, compat.setup_stack_key(item), compat.protocol_context(item))
-        return Work(factory=factory, key=key)
+        return Work(factory=factory, key=key, prepare=functools.partial(child.prepare_copy, item.session))
 
     def on_frame(self, kind: protocol.Kind, payload: Any) -> None:
         """The one dispatcher of the adapter's frames; a kind without a handler is a bug, said loudly."""

@@ -20,7 +20,7 @@ from .box import EXIT_WAIT, Box, OnFrame, Outcome, wait_child
 from .cgroup_supply import CgroupSupply, remove
 from .hugepages import Heap
 from .keeper import Keeper, KeeperError
-from .spec import ContainerSpec, Factory, Work
+from .spec import ContainerSpec, Work
 from .zygote import Zygote, ZygoteError, eligible
 
 
@@ -39,7 +39,7 @@ class ZygoteSlot:
         #: Zygotes stopped and not reaped yet: the engine reaps them with its other children.
         self.retired: list[int] = []
 
-    def get(self, key: Hashable, factory: Factory, keeper: Keeper, keep: tuple[int, ...], heap: Heap) -> Zygote | None:
+    def get(self, key: Hashable, work: Work, keeper: Keeper, keep: tuple[int, ...], heap: Heap) -> Zygote | None:
         if self.zygote is not None and self.zygote.key != key:
             self.stop()
         if self.zygote is None:
@@ -48,7 +48,7 @@ class ZygoteSlot:
                 return None
             try:
                 heap.prepare()
-                self.zygote = Zygote.start(key, factory, keeper, keep)
+                self.zygote = Zygote.start(key, work.factory, keeper, keep, work.prepare)
             except OSError as exc:
                 self.broken = f"cannot fork a zygote: {exc}"
                 return None
@@ -196,7 +196,7 @@ class Engine:
         before it is handed its test: what it copied while it waited stays
         charged to pytest's own cgroup, a few MiB the limit does not count.
         """
-        zygote = self.zygotes.get((work.key, spec.keep_fds), work.factory, keeper, spec.keep_fds, self.heap)
+        zygote = self.zygotes.get((work.key, spec.keep_fds), work, keeper, spec.keep_fds, self.heap)
         if zygote is None:
             return None
         try:

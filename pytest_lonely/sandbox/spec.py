@@ -94,3 +94,6 @@ class Work:
 
     factory: Factory
     key: Hashable | None = None
+    #: Run once in a zygote before it forks containers: what every container would do alike is then done
+    #: once, and inherited, instead of copied page by page in each.
+    prepare: Callable[[], None] | None = None

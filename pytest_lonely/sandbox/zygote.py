@@ -36,7 +36,7 @@ import os
 import select
 import signal
 import socket
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, Final
 
 from . import fork, process, rootfs
@@ -134,10 +134,17 @@ class Zygote:
         self._exits: dict[int, int] = {}
 
     @classmethod
-    def start(cls, key: Hashable, factory: Factory, keeper: Keeper, keep: tuple[int, ...]) -> Zygote:
+    def start(
+        cls,
+        key: Hashable,
+        factory: Factory,
+        keeper: Keeper,
+        keep: tuple[int, ...],
+        prepare: Callable[[], None] | None = None,
+    ) -> Zygote:
         """Fork the zygote from the caller as it is now; it lives until :meth:`stop` or the caller's death."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        config = _Config(os.getpid(), factory, keeper, keep)
+        config = _Config(os.getpid(), factory, keeper, keep, prepare)
         frozen = gc.get_freeze_count() != 0
         gc.freeze()  # the zygote's collector must not write to the caller's pages
         try:
@@ -244,6 +251,7 @@ class _Config:
     factory: Factory
     keeper: Keeper
     keep: tuple[int, ...]
+    prepare: Callable[[], None] | None = None
 
 
 class _Stop(Exception):
@@ -268,6 +276,8 @@ def _serve(ctl: int, config: _Config) -> int:  # pragma: no cover - runs in the 
     pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     # Nothing of the caller's stays open here: a fixture's socket, pipe or lock must close when it does.
     process.hold_fds({0, 1, 2, ctl, pidns, config.keeper.fileno(), *config.keep}, process.open_fds())
+    if config.prepare is not None:
+        config.prepare()
     server = _Server(socket.socket(fileno=ctl), config, pidns, interrupt)
     try:
         return server.loop()
