@@ -157,10 +157,13 @@ class IsolatedRun:
         failed = outcome.kind not in ("done", "exit", "interrupt") or any(r.failed for r in self.reporter.seen.values())
         if self._changes_text is None and (failed or keep == "all"):
             self._changes_text = self._describe_changes(keep_files=keep == "all" or (keep == "failed" and failed))
-            if not failed:
+            if not failed:  # keep=all: the passing test's call report shows it (-rA), junitxml has a property
+                shown = self.reporter.seen.get("call") or self.reporter.seen.get("setup")
+                if shown is not None:
+                    shown.sections.append(("filesystem changes", self._changes_text))
                 held = self.reporter.held_teardown
                 if held is not None:
-                    held.sections.append(("filesystem changes", self._changes_text))
+                    held.user_properties.append(("lonely filesystem changes", self._changes_text))
 
     def _describe_changes(self, keep_files: bool) -> str:
         """The report section: what changed, at most a few dozen lines, and where the files were kept."""
