@@ -301,6 +301,34 @@ def disown_inherited_setup(session: pytest.Session) -> None:
     state = session._setupstate
     for col, (_, exc) in list(state.stack.items()):
         state.stack[col] = ([], exc)
+    if _version() < (8, 2):  # later pytest registers a fixture's finish once, when it runs
+        for fixturedefs in session._fixturemanager._arg2fixturedefs.values():
+            for fixturedef in fixturedefs:
+                if fixturedef.cached_result is not None:
+                    _disown_fixture(fixturedef)
+
+
+def _disown_fixture(fixturedef: Any) -> None:
+    """The parent's value of a fixture is forgotten here, never finished: its teardown is the parent's.
+
+    pytest 8.0 and 8.1 register a cached fixture's ``finish`` on its scope's
+    node again each time a test requests it, so an emptied stack is not enough: the
+    container's last teardown would run a session fixture's teardown in the
+    copy (a server thread's ``shutdown()`` waits forever for a thread that
+    only the parent has).  Once the container sets the fixture up itself (a
+    new parameter), the value is its own and ``finish`` is pytest's again.
+    """
+    inherited = fixturedef.cached_result
+    finish = fixturedef.finish
+
+    def disowned(request: Any) -> None:
+        if fixturedef.cached_result is inherited:
+            fixturedef.cached_result = None
+            fixturedef._finalizers.clear()
+        else:
+            finish(request)
+
+    fixturedef.finish = disowned
 
 
 def bound_teardown(item: pytest.Item, keep: Any) -> None:
