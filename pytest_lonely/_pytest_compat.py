@@ -302,7 +302,8 @@ def disown_inherited_setup(session: pytest.Session) -> None:
     for col, (_, exc) in list(state.stack.items()):
         state.stack[col] = ([], exc)
     if _version() < (8, 2):  # later pytest registers a fixture's finish once, when it runs
-        for fixturedefs in session._fixturemanager._arg2fixturedefs.values():
+        manager: Any = session._fixturemanager  # 8.0-8.1 keep every definition in _arg2fixturedefs
+        for fixturedefs in manager._arg2fixturedefs.values():
             for fixturedef in fixturedefs:
                 if fixturedef.cached_result is not None:
                     _disown_fixture(fixturedef)
