@@ -17,7 +17,7 @@ import pytest
 
 from . import _pytest_compat as compat
 from .container import Container, ImageInfo
-from .sandbox import archive, cgroup, image
+from .sandbox import archive, image
 from .sandbox.spec import ContainerSpec
 from .session import SESSION_KEY, Root, Session
 from .settings import MARKER, SettingError, Spec
@@ -93,7 +93,7 @@ def prepare(item: pytest.Item) -> Ready | Refused:
     hostname = spec.hostname or cid
     limits = spec.limits
     if limits:
-        why = cgroup.manager().why_not(limits)
+        why = state.cgroups().why_not(limits)
         if why is not None:
             asked = ", ".join(
                 f"{name}={getattr(spec, name)!r} from {spec.origin(name)}"

@@ -50,6 +50,7 @@ class Session:
     usage: dict[str, Usage] = dataclasses.field(default_factory=dict)
     _availability: probe.Availability | None = None
     _engine: Engine | None = None
+    _cgroups: cgroup.Manager | None = None
     _layout: rootfs.HostLayout | None = None
     _plans: dict[rootfs.PlanKey, rootfs.Plan] = dataclasses.field(default_factory=dict)
     _roots: dict[Rootfs, Root] = dataclasses.field(default_factory=dict)
@@ -81,8 +82,14 @@ class Session:
         """The engine, built as :func:`engine_tuning` says."""
         if self._engine is None:
             prefork, hugepages = engine_tuning()
-            self._engine = Engine(self.rootless, prefork=prefork, hugepages=hugepages)
+            self._engine = Engine(self.rootless, self.cgroups(), prefork=prefork, hugepages=hugepages)
         return self._engine
+
+    def cgroups(self) -> cgroup.Manager:
+        """This process's cgroup hierarchies, found on first use; the session's cgroups go at :meth:`close`."""
+        if self._cgroups is None:
+            self._cgroups = cgroup.Manager.discover()
+        return self._cgroups
 
     def plan(self, rootfs_dir: Path | None, network: bool, tmp: bool) -> tuple[rootfs.PlanKey, rootfs.Plan]:
         """The mount plan; with ``tmp``, the session's basetemp is bound writable (see :meth:`basetemp`)."""
@@ -140,7 +147,7 @@ class Session:
     def usage_unavailable(self) -> str | None:
         if self.options.usage is None:
             return None
-        return cgroup.manager().why_not(Limits(), usage=True)
+        return self.cgroups().why_not(Limits(), usage=True)
 
     def reap(self) -> None:
         """Stop the zygote and wait for every container, so no test ever sees a child of ours."""
@@ -151,8 +158,9 @@ class Session:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+        if self._cgroups is not None:
             with contextlib.suppress(cgroup.CgroupError, OSError):  # nothing of ours stays behind
-                cgroup.manager().cleanup()
+                self._cgroups.cleanup()
 
 
 SESSION_KEY: Final = pytest.StashKey[Session]()

@@ -32,7 +32,7 @@ from . import cgroupfs as fs
 from .cgroupfs import DELEGATE_FIX, Hierarchy
 from .limits import Limits, Usage, cfs_quota
 
-__all__ = ["Cgroup", "CgroupError", "Manager", "configure", "enter", "manager"]
+__all__ = ["Cgroup", "CgroupError", "Manager", "configure", "enter"]
 
 _PREFIX: Final = "lonely-"
 _SESSION_DIR = re.compile(r"lonely-(\d+)(?:\.leaf)?\Z")
@@ -327,7 +327,7 @@ class Manager:
         if parent is not None:
             return parent
         if os.getpid() != self.pid:
-            raise CgroupError("a cgroup manager was inherited across fork; call manager() in the new process")
+            raise CgroupError("a cgroup manager was inherited across fork; discover a new one in this process")
         self.cleanup_stale(h)
         parent = os.path.join(h.own, self.session_name)
         try:
@@ -449,14 +449,3 @@ class Manager:
                 del self._leaf[h]
         if errors:
             raise CgroupError("; ".join(errors))
-
-
-_manager: Manager | None = None
-
-
-def manager() -> Manager:
-    """This process's manager, discovered on first use (again after a fork)."""
-    global _manager
-    if _manager is None or _manager.pid != os.getpid():
-        _manager = Manager.discover()
-    return _manager

@@ -25,7 +25,8 @@ def remove(group: cgroup.Cgroup) -> None:
 class CgroupSupply:
     """Cgroups made ahead of time, and cgroups waiting for their container to be reaped."""
 
-    def __init__(self) -> None:
+    def __init__(self, manager: cgroup.Manager) -> None:
+        self.manager = manager
         #: A cgroup made ahead of time for the next container: (limits, usage, cgroup).
         self._spare: tuple[Limits, bool, cgroup.Cgroup] | None = None
         #: Cgroups of finished containers a zygote reaps, to remove once they are empty.
@@ -39,14 +40,14 @@ class CgroupSupply:
             if spare_limits == limits and spare_usage == usage:
                 return group
             remove(group)
-        return cgroup.manager().create(name, limits, usage)
+        return self.manager.create(name, limits, usage)
 
     def prepare(self, limits: Limits, usage: bool) -> None:
         """Make the next container's cgroup now, while the current container runs on the other core."""
         if self._spare is not None:
             return
         with contextlib.suppress(cgroup.CgroupError, OSError):  # the next test makes its own, and says why
-            self._spare = (limits, usage, cgroup.manager().create(os.urandom(6).hex(), limits, usage))
+            self._spare = (limits, usage, self.manager.create(os.urandom(6).hex(), limits, usage))
 
     def empty_later(self, group: cgroup.Cgroup) -> None:
         """A cgroup whose container someone else reaps: removed by :meth:`collect` once nothing is in it."""

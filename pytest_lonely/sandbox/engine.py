@@ -72,14 +72,15 @@ class ZygoteSlot:
 class Engine:
     """Makes containers for one process and accounts for every one of them until it is reaped."""
 
-    def __init__(self, rootless: bool, prefork: bool = True, hugepages: bool = True) -> None:
+    def __init__(self, rootless: bool, cgroups: cgroup.Manager, prefork: bool = True, hugepages: bool = True) -> None:
+        """``cgroups``: the caller's; it removes the session's cgroups once the engine is closed."""
         self.rootless = rootless
         #: This process's heap on huge pages before it forks (see hugepages.py).
         self.heap = Heap(hugepages)
         self._pidns_fd = -1 if rootless else os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self._keeper: Keeper | None = None
         self._prefork = prefork
-        self.cgroups = CgroupSupply()
+        self.cgroups = CgroupSupply(cgroups)
         #: Processes we forked that are not reaped yet (containers, stopped zygotes), with a cgroup to remove.
         self._unreaped: list[tuple[int, cgroup.Cgroup | None]] = []
         self._nice = os.getpriority(os.PRIO_PROCESS, 0)

@@ -709,7 +709,7 @@ def test_missing_v1_controller_message(manager: Manager) -> None:
 _ROOTLESS_SCRIPT = """
 from pytest_lonely.sandbox import cgroup
 from pytest_lonely.sandbox.limits import Limits
-m = cgroup.manager()
+m = cgroup.Manager.discover()
 assert m.why_not(Limits()) is None
 print(m.why_not(Limits(memory=64 << 20)))
 try:

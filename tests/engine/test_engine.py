@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_lonely.sandbox import cgroup, protocol, rootfs
 from pytest_lonely.sandbox import engine as engine_mod
-from pytest_lonely.sandbox import protocol, rootfs
 from pytest_lonely.sandbox.spec import ContainerSpec, Inside, Work
 
 
@@ -18,7 +18,7 @@ def test_engine_runs_warm_containers_and_leaves_nothing(tmp_path: Path) -> None:
     layout = rootfs.HostLayout.scan(tmp_path)
     key = rootfs.PlanKey(None, False, True)
     plan = rootfs.plan(layout, key)
-    engine = engine_mod.Engine(rootless=False)
+    engine = engine_mod.Engine(rootless=False, cgroups=cgroup.Manager.discover())
     seen: list[object] = []
 
     def factory(order: object) -> object:

@@ -289,7 +289,7 @@ def test_the_rest_of_a_group_runs_in_a_fresh_container_after_a_death(pytester: p
         from pytest_lonely.sandbox import cgroup
         from pytest_lonely.sandbox.limits import Limits
 
-        why = cgroup.manager().why_not(Limits(memory=64 << 20))
+        why = cgroup.Manager.discover().why_not(Limits(memory=64 << 20))
         if why is not None:
             pytest.skip(why)
     pytester.makepyfile(test_dying=DYING.format(kind=kind, action=ACTIONS[kind]))

@@ -356,7 +356,7 @@ def _no_limits() -> str | None:
     from pytest_lonely.sandbox import cgroup
     from pytest_lonely.sandbox.limits import Limits
 
-    return cgroup.manager().why_not(Limits(memory=64 << 20, pids=16))
+    return cgroup.Manager.discover().why_not(Limits(memory=64 << 20, pids=16))
 
 
 @scenario(
