@@ -30,8 +30,13 @@ Why three ways of counting, each over whole pytest processes:
 
 pytest-forked 1.7.5 fails on pytest 9.2, so both tools run on pytest 8.3.5,
 each in a venv of its own (made under ``~/.cache/pytest-lonely-bench/``, the
-pytest-lonely one from this checkout, rebuilt when its sources change), each
-against its own plain run.
+pytest-lonely one a copy of this checkout, one venv per state of its sources:
+see _bench.py, shared with overhead.py), each against its own plain run.
+
+Written against the engine of 6a88a55, before aed963b replaced the launcher with engine/box/fork/keeper
+and removed the namespace pool and prefault: its variants ``PREBUILD=namespaces`` and ``PREFAULT=0`` are
+gone with them, and the conftest's clocks on the launcher's, the pool's and prefault's functions report
+those names as missing.  The perf roles (by process name) and the kernel phases do not depend on them.
 
 Root only (perf -a, cgroups, root mode).  Only the standard library is used.
 """
@@ -42,14 +47,12 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import platform
 import random
 import re
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -335,11 +338,7 @@ VARIANTS: Final = {
         Variant("forked-plain", f"plain pytest {PYTEST_VERSION} (forked's venv)", "forked", ()),
         Variant("forked", f"pytest-forked {FORKED_VERSION}", "forked", FORKED, (), "forked-plain"),
         Variant("lonely", "pytest-lonely default (zygote)", "lonely", LONELY, (), "plain"),
-        Variant(
-            "namespaces", "PREBUILD=namespaces", "lonely", LONELY, (("PYTEST_LONELY_PREBUILD", "namespaces"),), "plain"
-        ),
         Variant("prebuild-off", "PREBUILD=0", "lonely", LONELY, (("PYTEST_LONELY_PREBUILD", "0"),), "plain"),
-        Variant("prefault-off", "PREFAULT=0", "lonely", LONELY, (("PYTEST_LONELY_PREFAULT", "0"),), "plain"),
         Variant("privileged", "--lonely-privileged", "lonely", (*LONELY, "--lonely-privileged"), (), "plain"),
         Variant("network", "--lonely-network none", "lonely", (*LONELY, "--lonely-network", "none"), (), "plain"),
     )
@@ -354,46 +353,17 @@ def cache_dir() -> Path:
     return Path(base) / "pytest-lonely-bench"
 
 
-def sources_digest() -> str:
-    """What the pytest-lonely venv was built from: rebuilt when the package's sources change."""
-    digest = hashlib.sha256()
-    for path in [*sorted((REPO / "pytest_lonely").rglob("*.py")), REPO / "pyproject.toml"]:
-        digest.update(path.relative_to(REPO).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def ensure_venv(where: Path, packages: Sequence[str], marker: str) -> str:
-    """A venv at ``where`` with ``packages`` pip-installed, reused while ``marker`` matches."""
-    python = where / "bin" / "python"
-    stamp = where / "bench-marker"
-    if python.exists() and stamp.exists() and stamp.read_text() == marker:
-        return str(python)
-    print(f"creating {where} ({' '.join(packages)})", file=sys.stderr, flush=True)
-    shutil.rmtree(where, ignore_errors=True)
-    where.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", str(where)], check=True)
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    stamp.write_text(marker)
-    return str(python)
-
-
 def pythons(cache: Path) -> dict[str, str]:
-    digest = sources_digest()
-    return {
-        "lonely": ensure_venv(
-            cache / f"lonely-pytest-{PYTEST_VERSION}", [f"pytest=={PYTEST_VERSION}", str(REPO)], f"{digest}\n"
-        ),
-        "forked": ensure_venv(
-            cache / f"forked-{FORKED_VERSION}-pytest-{PYTEST_VERSION}-only",
-            [f"pytest=={PYTEST_VERSION}", f"pytest-forked=={FORKED_VERSION}"],
-            "1\n",
-        ),
-    }
+    """The two venvs overhead.py uses too (see _bench.py): one pytest-lonely venv per state of the sources."""
+    import _bench
+
+    found = {}
+    for role, make in (("lonely", _bench.lonely_venv), ("forked", _bench.forked_venv)):
+        python, why = make(cache)
+        if python is None:
+            raise SystemExit(why)
+        found[role] = python
+    return found
 
 
 # --- counting CPU ------------------------------------------------------------------------------

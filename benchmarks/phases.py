@@ -1,30 +1,35 @@
-"""Where the time of one isolated test goes: a timeline of the parent and the container, phase by phase.
+"""Where the time of one isolated test goes: a timeline of the parent and the container, step by step.
 
-Why a timeline: ``overhead.py`` says how much an isolated test costs, not
-which step costs it.  This script runs trivial isolated tests under an inner
-conftest that wraps the plugin's own functions (``Engine.run``, ``_fork``,
-``_read``, ``reap``, ``init.main``, ``_pid1``, ``runtestprotocol``,
-``rootfs.mount_proc`` ...) and ``os.fork``/``os.setns``/``socket.sethostname``,
-and stamps each step with ``time.perf_counter_ns()``.  That is
-``CLOCK_MONOTONIC``, which a fork and a new PID namespace share, so the
-parent's and the child's stamps are on one clock.  The package itself is not
-changed: the wrapping lives in the generated conftest, and a name the
-plugin no longer has (after a refactor) is reported as missing and its
-phases as "n/a".
+Why a timeline: ``overhead.py`` says how much an isolated test costs, and
+``cpu_phases.py`` where its CPU goes; neither says which step the next test
+*waits* for.  This script runs trivial isolated tests under a generated
+conftest that wraps the engine's own functions (``Engine.launch``,
+``Zygote.take``, ``fork.start``, ``Box.run``, ``Box._read``, ``Engine.end``,
+``init.main``, ``init._pid1``, ``init._await_go``, the root's build,
+``runtestprotocol``, the DONE frame) and stamps each step with
+``time.perf_counter_ns()``.  That is ``CLOCK_MONOTONIC``, which a fork and a
+new PID namespace share, so the parent's, the zygote's and the container's
+stamps are on one clock.  The package itself is not changed: a name the
+engine no longer has is reported as missing and its steps read "n/a".
 
-Why a shared anonymous mapping for the stamps: the child's root is not the
-host's (a write to a file would land in a throwaway overlay) and it may close
-inherited descriptors, but a ``MAP_SHARED`` page made before the fork stays
-shared whatever the child does with its files.  Each test writes to its own
-slot, so a container still exiting never overwrites the next one's stamps.
+What it is not: a cost.  These are wall-clock spans on a machine where
+other processes compete for the cores, so a step that waits for a core
+looks long.  Decide what costs what with CPU time (``overhead.py``,
+``cpu_phases.py``); read this for the order of things: whether the next
+container was ready before its test, what the parent does while the
+container runs, how long a report takes to come back.
 
-Why minor faults: after the fork every page either side writes is copied,
-and the child's first touches of the inherited heap are much of its cost.
-The child's ``getrusage(RUSAGE_SELF).ru_minflt`` starts at zero at the fork,
-so reading it at each step counts the faults of that step; the parent's own
-faults per test and ``RUSAGE_CHILDREN`` over the session (CPU and faults of
-every container, its exit and teardown included, and of the namespace
-helper) complete the picture.
+Why a shared anonymous mapping for the stamps: the container's root is not
+the host's and it closes inherited descriptors, but a ``MAP_SHARED`` page
+made before any fork stays shared.  Each test writes to its own slot (its
+index in the session's items), so a container still exiting never
+overwrites the next one's stamps.  A container from the zygote, or one
+that serves several tests (``--lonely-scope``), does not know its test
+before its order arrives: its stamps wait in its own memory until then.
+
+Why minor faults: after the fork every page either side writes is copied.
+The container's ``getrusage(RUSAGE_SELF).ru_minflt`` starts at zero at the
+fork, so reading it at each step counts the faults of that step.
 
 Root mode only (the rootless container is forked twice; its middle process
 is not stamped).  Only the standard library is used.
@@ -33,10 +38,8 @@ is not stamped).  Only the standard library is used.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -46,49 +49,48 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-REPO: Final = Path(__file__).resolve().parent.parent
+import _bench as b
+
 RUN_TIMEOUT: Final = 900.0
 WARMUP: Final = 10  # the first tests of a run pay for lazy imports and the plugin's probe: left out
 
 #: Variants of the isolated run: (pytest arguments, extra environment).
 VARIANTS: Final = {
     "default": ((), ()),
-    "rootfs": (("--lonely-rootfs", str(REPO / "fixtures" / "rootfs")), ()),
-    "network": (("--lonely-network", "none"), ()),
-    "namespaces": ((), (("PYTEST_LONELY_PREBUILD", "namespaces"),)),
     "prebuild-off": ((), (("PYTEST_LONELY_PREBUILD", "0"),)),
+    "scope-module": (("--lonely-scope=module",), ()),
+    "rootfs": (("--lonely-rootfs", str(b.REPO / "fixtures" / "rootfs")), ()),
+    "network": (("--lonely-network", "none"), ()),
+    "privileged": (("--lonely-privileged",), ()),
 }
 
-#: Every stamp, in the order it happens.  P_ are taken in the parent, C_ in the container, F_ are the child's faults.
+#: Every stamp.  P_ are taken in pytest, Z_ in the zygote, C_ in the container, F_ are the container's faults.
 EVENTS: Final = (
     "P_PROTO_START",
-    "P_RUN_START",
+    "P_LAUNCH_START",
     "P_TAKE_START",
     "P_TAKE_END",
-    "P_REAP_START",
-    "P_REAP_END",
     "P_FORK_START",
     "P_SYSFORK_START",
+    "P_SYSFORK_END",
+    "P_FORK_END",
+    "P_LAUNCH_END",
+    "P_RUN_START",
+    "P_READ_START",
     "Z_FORK_START",
     "C_START",
     "F_START",
     "C_MAIN",
     "C_PID1",
     "F_PID1",
-    "C_SETNS_START",
-    "C_SETNS_END",
     "C_BUILD_START",
-    "C_BUILD_END",
     "C_PROC_START",
     "C_PROC_END",
-    "C_CWD_START",
-    "C_CWD_END",
+    "C_BUILD_END",
     "C_READY",
     "F_READY",
     "C_GO",
     "F_GO",
-    "C_HOST_START",
-    "C_HOST_END",
     "C_PHASES_START",
     "F_PHASES_START",
     "C_SETUP",
@@ -99,14 +101,12 @@ EVENTS: Final = (
     "C_TEARDOWN_REP",
     "C_PHASES_END",
     "F_PHASES_END",
-    "C_PID1_END",
-    "F_PID1_END",
-    "P_SYSFORK_END",
-    "P_FORK_END",
-    "P_FOLLOW_START",
-    "P_READ_START",
+    "C_DONE",
+    "F_DONE",
     "P_READ_END",
     "P_RUN_END",
+    "P_END_START",
+    "P_END_END",
     "P_PROTO_END",
     "P_MINFLT",
 )
@@ -120,7 +120,6 @@ import json
 import mmap
 import os
 import resource
-import socket
 import struct
 import time
 
@@ -130,28 +129,24 @@ EVENTS = {events!r}
 IDX = {{name: i for i, name in enumerate(EVENTS)}}
 SLOT = len(EVENTS) * 8
 MAX_TESTS = int(os.environ["BENCH_TESTS"]) + 8
-MM = mmap.mmap(-1, SLOT * MAX_TESTS)  # anonymous and MAP_SHARED: the child's writes reach the parent
+MM = mmap.mmap(-1, SLOT * MAX_TESTS)  # anonymous and MAP_SHARED: every process's writes reach pytest
 _PACK = struct.Struct("q")
 _now = time.perf_counter_ns
-_state = {{"slot": -1, "in_child": False, "forking": False, "z_forking": False, "stash": False}}
-#: A container from the zygote does not know its test before GO: its stamps wait here until then.
+#: in_child: a container; zygote: the zygote; forking: inside fork.start; stash: the container's test is unknown.
+_state = {{"slot": -1, "in_child": False, "zygote": False, "forking": False, "stash": False}}
 _stash = {{}}
 MISSING = []
-#: In the in-process run the test's own phases run in the parent: stamp them there, for comparison.
+#: In the in-process run the test's own phases run in pytest: stamp them there, for comparison.
 _PHASES_HERE = os.environ.get("BENCH_INPROCESS") == "1"
 _RU_START = resource.getrusage(resource.RUSAGE_CHILDREN)
 
 
 def put(name, value=None):
+    value = _now() if value is None else value
     if _state["stash"]:
-        _stash[name] = _now() if value is None else value
-        return
-    if 0 <= _state["slot"] < MAX_TESTS:
-        _PACK.pack_into(MM, _state["slot"] * SLOT + IDX[name] * 8, _now() if value is None else value)
-
-
-def get(name):
-    return _PACK.unpack_from(MM, _state["slot"] * SLOT + IDX[name] * 8)[0]
+        _stash[name] = value
+    elif 0 <= _state["slot"] < MAX_TESTS:
+        _PACK.pack_into(MM, _state["slot"] * SLOT + IDX[name] * 8, value)
 
 
 def faults():
@@ -172,79 +167,106 @@ def patch(module_name, path, make):
     setattr(owner, attr, functools.wraps(original)(make(original)))
 
 
-def around(start, end, when=lambda: True, first_only=False):
-    """A wrapper stamping ``start`` before and ``end`` after the call, if ``when()``."""
+def in_child():
+    return _state["in_child"]
+
+
+def in_pytest():
+    return not _state["in_child"] and not _state["zygote"]
+
+
+def around(start, end, when, with_faults=False):
+    """Stamp ``start`` before and ``end`` after the call, if ``when()``."""
     def make(original):
         def wrapper(*args, **kwargs):
             active = when()
-            if active and not (first_only and get(start)):
+            if active:
                 put(start)
+                if with_faults:
+                    put("F" + start[1:], faults())
             try:
                 return original(*args, **kwargs)
             finally:
                 if active:
                     put(end)
+                    if with_faults:
+                        put("F" + end[1:], faults())
         return wrapper
     return make
 
 
-def in_child():
-    return _state["in_child"]
+def stamp(name, when, with_faults=False):
+    def make(original):
+        def wrapper(*args, **kwargs):
+            if when():
+                put(name)
+                if with_faults:
+                    put("F" + name[1:], faults())
+            return original(*args, **kwargs)
+        return wrapper
+    return make
 
 
-def in_parent():
-    return not _state["in_child"]
+def stamp_after(name, when):
+    def make(original):
+        def wrapper(*args, **kwargs):
+            result = original(*args, **kwargs)
+            if when():
+                put(name)
+            return result
+        return wrapper
+    return make
 
 
 def make_fork(original):
+    """The engine's fork: only the one in fork.start makes a container (the keeper and zygote are not stamped)."""
     def fork():
-        if _state["z_forking"]:  # in the zygote: the container stamps into its stash until GO
-            _stash.clear()
-            _stash["Z_FORK_START"] = _now()
-            pid = original()
-            if pid == 0:
-                _state["in_child"] = _state["stash"] = True
-                put("C_START")
-                put("F_START", faults())
-            return pid
         if not _state["forking"]:
             return original()
-        put("P_SYSFORK_START")
+        if _state["zygote"]:
+            started = _now()
+        else:
+            put("P_SYSFORK_START")
         pid = original()
         if pid == 0:
             _state["in_child"] = True
+            _state["stash"] = True  # its test is known once its order arrives
+            _stash.clear()
+            if _state["zygote"]:
+                _stash["Z_FORK_START"] = started
             put("C_START")
             put("F_START", faults())
-        else:
+        elif not _state["zygote"]:
             put("P_SYSFORK_END")
         return pid
     return fork
 
 
-def make_launcher_fork(original):
-    def _fork(*args, **kwargs):
-        put("P_FORK_START")
+def make_start(original):
+    def start(*args, **kwargs):
+        parent = in_pytest()
+        if parent:
+            put("P_FORK_START")
         _state["forking"] = True
         try:
             return original(*args, **kwargs)
         finally:
             _state["forking"] = False
-            put("P_FORK_END")
-    return _fork
+            if parent:
+                put("P_FORK_END")
+    return start
 
 
-def make_z_fork(original):
-    def _fork(*args, **kwargs):
-        _state["z_forking"] = True
-        try:
-            return original(*args, **kwargs)
-        finally:
-            _state["z_forking"] = False
-    return _fork
+def make_serve(original):
+    def _serve(*args, **kwargs):
+        _state["zygote"] = True
+        return original(*args, **kwargs)
+    return _serve
 
 
 def make_await_go(original):
     def _await_go(*args, **kwargs):
+        _state["stash"] = True  # the next order may be another test's: stamps wait until it is known
         put("C_READY")
         put("F_READY", faults())
         try:
@@ -257,88 +279,51 @@ def make_await_go(original):
 
 def make_body_from_order(original):
     def body_from_order(session, order):
-        # GO has come: now the container knows its test, and so its slot.
-        _state["slot"] = order[0]
-        _state["stash"] = False
-        for name, value in _stash.items():
-            put(name, value)
+        if order and order[0] == "test":  # now the container knows its test, and so its slot
+            _state["slot"] = int(order[1])
+            _state["stash"] = False
+            for name, value in _stash.items():
+                put(name, value)
+            _stash.clear()
         return original(session, order)
     return body_from_order
 
 
-def make_pid1(original):
-    def _pid1(*args, **kwargs):
-        put("C_PID1")
-        put("F_PID1", faults())
-        try:
-            return original(*args, **kwargs)
-        finally:
-            put("C_PID1_END")
-            put("F_PID1_END", faults())
-    return _pid1
+def make_sender_call(original):
+    def __call__(self, kind, *args, **kwargs):
+        if _state["in_child"] and getattr(kind, "name", "") == "DONE":
+            put("C_DONE")
+            put("F_DONE", faults())
+        return original(self, kind, *args, **kwargs)
+    return __call__
 
 
-def make_phases(original):
-    def runtestprotocol(*args, **kwargs):
-        put("C_PHASES_START")
-        put("F_PHASES_START", faults())
-        try:
-            return original(*args, **kwargs)
-        finally:
-            put("C_PHASES_END")
-            put("F_PHASES_END", faults())
-    return runtestprotocol
-
-
-def make_setns(original):
-    def setns(*args, **kwargs):
-        if not _state["in_child"]:
-            return original(*args, **kwargs)
-        if not get("C_SETNS_START"):
-            put("C_SETNS_START")
-        try:
-            return original(*args, **kwargs)
-        finally:
-            put("C_SETNS_END")
-    return setns
-
-
-def make_stamp(name, when=in_child):
-    def make(original):
-        def wrapper(*args, **kwargs):
-            if when():
-                put(name)
-            return original(*args, **kwargs)
-        return wrapper
-    return make
-
-
-patch("os", "fork", make_fork)
-patch("pytest_lonely.sandbox._syscalls", "setns", make_setns)
-patch("socket", "sethostname", around("C_HOST_START", "C_HOST_END", in_child))
-patch("pytest_lonely.sandbox.launcher", "Engine.run", around("P_RUN_START", "P_RUN_END"))
-patch("pytest_lonely.sandbox.launcher", "Engine._fork", make_launcher_fork)
-patch("pytest_lonely.sandbox.launcher", "Engine._follow", make_stamp("P_FOLLOW_START", in_parent))
-patch("pytest_lonely.sandbox.zygote", "Zygote.take", around("P_TAKE_START", "P_TAKE_END", in_parent))
-patch("pytest_lonely.sandbox.zygote", "_Server._fork", make_z_fork)
-patch("pytest_lonely.sandbox.init", "_await_go", make_await_go)
+SB = "pytest_lonely.sandbox"
+patch(SB + "._syscalls", "fork", make_fork)
+patch(SB + ".fork", "start", make_start)
+patch(SB + ".zygote", "_serve", make_serve)
+patch(SB + ".engine", "Engine.launch", around("P_LAUNCH_START", "P_LAUNCH_END", in_pytest))
+patch(SB + ".engine", "Engine.end", around("P_END_START", "P_END_END", in_pytest))
+patch(SB + ".zygote", "Zygote.take", around("P_TAKE_START", "P_TAKE_END", in_pytest))
+patch(SB + ".box", "Box.run", around("P_RUN_START", "P_RUN_END", in_pytest))
+patch(SB + ".box", "Box._read", around("P_READ_START", "P_READ_END", in_pytest))
+patch(SB + ".init", "main", stamp("C_MAIN", in_child))
+patch(SB + ".init", "_pid1", stamp("C_PID1", in_child, with_faults=True))
+patch(SB + ".rootfs", "enter_scratch", stamp("C_BUILD_START", in_child))
+patch(SB + ".rootfs", "mount_proc", around("C_PROC_START", "C_PROC_END", in_child))
+patch(SB + ".rootfs", "switch_root", stamp_after("C_BUILD_END", in_child))
+patch(SB + ".init", "_await_go", make_await_go)
+patch(SB + ".protocol", "Sender.__call__", make_sender_call)
 patch("pytest_lonely.child", "body_from_order", make_body_from_order)
-patch("pytest_lonely.sandbox.launcher", "Engine._read", around("P_READ_START", "P_READ_END", in_parent))
-patch("pytest_lonely.sandbox.launcher", "Engine.reap", around("P_REAP_START", "P_REAP_END", in_parent, first_only=True))
-patch("pytest_lonely.sandbox.init", "main", make_stamp("C_MAIN"))
-patch("pytest_lonely.sandbox.init", "_pid1", make_pid1)
-patch("pytest_lonely._pytest_compat", "runtestprotocol", make_phases)
-patch("pytest_lonely.sandbox.rootfs", "mount_proc", around("C_PROC_START", "C_PROC_END", in_child))
-patch("pytest_lonely.sandbox.rootfs", "enter_cwd", around("C_CWD_START", "C_CWD_END", in_child))
-patch("pytest_lonely.sandbox.rootfs", "enter_scratch", make_stamp("C_BUILD_START"))
-patch("pytest_lonely.sandbox.rootfs", "switch_root", around("C_CWD_START", "C_BUILD_END", in_child))
+patch("pytest_lonely._pytest_compat", "runtestprotocol",
+      around("C_PHASES_START", "C_PHASES_END", in_child, with_faults=True))
 
 
 # logstart and logfinish, not a pytest_runtest_protocol wrapper: pytest-lonely cannot know what an unknown
 # wrapper leaves in the process, and forks every container of such a session straight from pytest.
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_logstart(nodeid, location):
-    if not _state["in_child"]:
+    if in_pytest():
         _state["slot"] += 1
         _state["faults"] = faults()
         put("P_PROTO_START")
@@ -346,7 +331,7 @@ def pytest_runtest_logstart(nodeid, location):
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_logfinish(nodeid, location):
-    if not _state["in_child"]:
+    if in_pytest():
         put("P_PROTO_END")
         put("P_MINFLT", faults() - _state["faults"])
 
@@ -371,7 +356,7 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """After the plugin closed its launcher and helper: every container has been reaped by now."""
+    """After the plugin's sessionfinish: every container and zygote has been reaped by now."""
     end = resource.getrusage(resource.RUSAGE_CHILDREN)
     slots = [list(struct.unpack_from(f"{{len(EVENTS)}}q", MM, i * SLOT)) for i in range(_state["slot"] + 1)]
     with open(os.environ["BENCH_OUT"], "w") as f:
@@ -397,65 +382,50 @@ def test_x(i):
     pass
 """
 
-#: Table rows: (label, start event, end event); consecutive steps of one test's critical path.
+#: Table rows: (label, start event, end event).  The critical path of one test, in order.
 PHASES: Final = (
-    ("parent: protocol start → Engine.run (spec, plan, setup in parent)", "P_PROTO_START", "P_RUN_START"),
-    ("zygote: parent takes a built container (waits if not handed over yet)", "P_TAKE_START", "P_TAKE_END"),
-    ("zygote: parent writes GO, asks for the next container", "P_TAKE_END", "P_FOLLOW_START"),
-    ("zygote: container taken → has its test (wake, GO decoded, item found)", "P_TAKE_END", "C_GO"),
-    ("zygote: container has its test → runtestprotocol (hostname, faulthandler)", "C_GO", "C_PHASES_START"),
-    ("parent: reap finished containers (waitpid WNOHANG)", "P_REAP_START", "P_REAP_END"),
-    ("parent: Engine.run → _fork (pipe, Launch)", "P_REAP_END", "P_FORK_START"),
-    ("parent: gc.freeze, unshare(CLONE_NEWPID), fork wrapper", "P_FORK_START", "P_SYSFORK_START"),
-    ("fork: until the child runs", "P_SYSFORK_START", "C_START"),
-    ("child: fork return → init.main", "C_START", "C_MAIN"),
-    ("child: init.main → _pid1 (PDEATHSIG, /proc/self/stat, unshare if not pre-built)", "C_MAIN", "C_PID1"),
-    ("child: namespace join (setns into the pre-built namespaces)", "C_SETNS_START", "C_SETNS_END"),
-    ("child: build the root (no pre-built namespaces: scratch, mount plan, pivot)", "C_BUILD_START", "C_BUILD_END"),
-    ("child: mount /proc", "C_PROC_START", "C_PROC_END"),
-    ("child: enter cwd", "C_CWD_START", "C_CWD_END"),
-    ("child: sethostname", "C_HOST_START", "C_HOST_END"),
-    ("child: sethostname → runtestprotocol (uname cache, faulthandler, warnings)", "C_HOST_END", "C_PHASES_START"),
-    ("child: runtestprotocol → setup hook (patching, first hooks)", "C_PHASES_START", "C_SETUP"),
-    ("child: setup hooks and fixtures", "C_SETUP", "C_SETUP_REP"),
-    ("child: setup report (make, serialize, send)", "C_SETUP_REP", "C_CALL"),
-    ("child: call", "C_CALL", "C_CALL_REP"),
-    ("child: call report (make, serialize, send)", "C_CALL_REP", "C_TEARDOWN"),
-    ("child: teardown hooks", "C_TEARDOWN", "C_TEARDOWN_REP"),
-    ("child: teardown report (make, serialize, send)", "C_TEARDOWN_REP", "C_PHASES_END"),
-    ("child: runtestprotocol → DONE sent (warnings, flush)", "C_PHASES_END", "C_PID1_END"),
-    ("pipe: DONE sent → parent's _read returns", "C_PID1_END", "P_READ_END"),
-    ("parent: _read → Engine.run returns", "P_READ_END", "P_RUN_END"),
-    ("parent: Engine.run → protocol end (conclude: log reports, teardown, hooks)", "P_RUN_END", "P_PROTO_END"),
+    ("pytest: protocol start → order written (preflight, fixtures, a new container)", "P_PROTO_START", "P_RUN_START"),
+    ("  of which Engine.launch (a new container; not inside a group)", "P_LAUNCH_START", "P_LAUNCH_END"),
+    ("    Zygote.take (the container built ahead of time)", "P_TAKE_START", "P_TAKE_END"),
+    ("    fork.start in pytest (no zygote: pipes, fork)", "P_FORK_START", "P_FORK_END"),
+    ("      fork() until it returns in pytest", "P_SYSFORK_START", "P_SYSFORK_END"),
+    ("    fork.start → launch returns (establish: layers, ID maps; keeper; reap)", "P_FORK_END", "P_LAUNCH_END"),
+    ("order written → the container has it", "P_RUN_START", "C_GO"),
+    ("container: order → runtestprotocol (first: hostname, env; item lookup)", "C_GO", "C_PHASES_START"),
+    ("container: runtestprotocol → setup hook", "C_PHASES_START", "C_SETUP"),
+    ("container: setup hooks and fixtures", "C_SETUP", "C_SETUP_REP"),
+    ("container: setup report (make, serialize, send)", "C_SETUP_REP", "C_CALL"),
+    ("container: call", "C_CALL", "C_CALL_REP"),
+    ("container: call report", "C_CALL_REP", "C_TEARDOWN"),
+    ("container: teardown hooks", "C_TEARDOWN", "C_TEARDOWN_REP"),
+    ("container: teardown report", "C_TEARDOWN_REP", "C_PHASES_END"),
+    ("container: runtestprotocol end → DONE sent", "C_PHASES_END", "C_DONE"),
+    ("DONE sent → pytest's read returns", "C_DONE", "P_READ_END"),
+    ("pytest: read returns → Box.run returns", "P_READ_END", "P_RUN_END"),
+    ("pytest: Box.run returns → protocol end (end, conclude, teardown)", "P_RUN_END", "P_PROTO_END"),
+    ("  of which Engine.end (kill, close, hand to the reaper)", "P_END_START", "P_END_END"),
 )
 OVERLAPPING: Final = (
-    ("parent: fork() returns in the parent (copy of the page tables)", "P_SYSFORK_START", "P_SYSFORK_END"),
-    ("parent: fork returned → waiting (setns back, unfreeze, prefetch next)", "P_SYSFORK_END", "P_READ_START"),
-    ("parent: waiting in _read for the container", "P_READ_START", "P_READ_END"),
-    ("zygote: fork of the next container → it runs", "Z_FORK_START", "C_START"),
-    ("zygote: container built ahead of time (fork return → waiting for GO)", "C_START", "C_READY"),
-    ("zygote: container ready this long before its test started", "C_READY", "P_PROTO_START"),
-    ("child: whole life until DONE (from fork return)", "C_START", "C_PID1_END"),
+    ("no zygote: fork() until the child runs", "P_SYSFORK_START", "C_START"),
+    ("zygote: its fork of the container until the child runs", "Z_FORK_START", "C_START"),
+    ("container: fork → init.main (everyone's at-fork hooks)", "C_START", "C_MAIN"),
+    ("container: init.main → _pid1 (guard, cgroup, unshare)", "C_MAIN", "C_PID1"),
+    ("container: build the root (scratch, mount plan, /proc, pivot)", "C_BUILD_START", "C_BUILD_END"),
+    ("  of which mount /proc", "C_PROC_START", "C_PROC_END"),
+    ("container: root built → waiting for its order (layers, user namespace, fds)", "C_BUILD_END", "C_READY"),
+    ("container: ready this long before its test started (negative: the test waited)", "C_READY", "P_PROTO_START"),
+    ("container: fork → DONE of its first test", "C_START", "C_DONE"),
+    ("pytest: waiting in Box._read", "P_READ_START", "P_READ_END"),
     ("whole isolated test (protocol start → end)", "P_PROTO_START", "P_PROTO_END"),
 )
 FAULTS: Final = (
-    ("zygote: container, ahead of time (fork → waiting for GO)", "F_START", "F_READY"),
-    ("zygote: container, GO → runtestprotocol", "F_GO", "F_PHASES_START"),
-    ("child: fork → _pid1", "F_START", "F_PID1"),
-    ("child: _pid1 → runtestprotocol (join, /proc, hostname, ...)", "F_PID1", "F_PHASES_START"),
-    ("child: runtestprotocol", "F_PHASES_START", "F_PHASES_END"),
-    ("child: after runtestprotocol → DONE", "F_PHASES_END", "F_PID1_END"),
-    ("child: total until DONE", "F_START", "F_PID1_END"),
+    ("container: fork → _pid1", "F_START", "F_PID1"),
+    ("container: _pid1 → waiting for its order (the build)", "F_PID1", "F_READY"),
+    ("container: order → runtestprotocol", "F_GO", "F_PHASES_START"),
+    ("container: runtestprotocol", "F_PHASES_START", "F_PHASES_END"),
+    ("container: runtestprotocol → DONE", "F_PHASES_END", "F_DONE"),
+    ("container: fork → DONE of its first test", "F_START", "F_DONE"),
 )
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """No inherited pytest options, no auto-loaded plugins."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHON", "BENCH_"))}
-    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    env["COLUMNS"] = "300"
-    env.update(extra)
-    return env
 
 
 def run(project: Path, args: Sequence[str], env: dict[str, str], tests: int, out: Path) -> dict[str, Any]:
@@ -472,7 +442,8 @@ def run(project: Path, args: Sequence[str], env: dict[str, str], tests: int, out
         check=False,
     )
     result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"slots": [], "missing": []}
-    result["command"] = shlex.join(command)
+    result["command"] = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("PYTEST_LONELY_"))
+    result["command"] = (result["command"] + " " + shlex.join(command)).strip()
     if done.returncode or f"{tests} passed" not in done.stdout:
         lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
         result["problem"] = (lines[-1] if lines else f"exit status {done.returncode}")[:200]
@@ -488,14 +459,16 @@ def durations(result: dict[str, Any], start: str, end: str, scale: float) -> lis
     return [(slot[j] - slot[i]) / scale for slot in result["slots"][WARMUP:] if slot[i] and slot[j]]
 
 
-def cell(values: list[float], spec: str) -> str:
+def cell(values: list[float], spec: str, of: int) -> str:
+    """The median, and in how many of the tests the step happened when not in all."""
     if not values:
         return "n/a"
-    return format(statistics.median(values), spec)
+    text = format(statistics.median(values), spec)
+    return text if len(values) >= of else f"{text} ({len(values)}/{of})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the in-process baseline and each isolated variant once, print the phase tables."""
+    """Run the in-process baseline and each isolated variant once, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--tests", type=int, default=None, help="tests per run (default: 300; 100 with --quick)")
     parser.add_argument("--quick", action="store_true", help="100 tests per run")
@@ -504,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=["default"],
         metavar="VARIANT",
-        help=f"isolated variants: {', '.join(VARIANTS)}",
+        help=f"isolated variants: {', '.join(VARIANTS)} (default: default)",
     )
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the raw stamps here")
     args = parser.parse_args(argv)
@@ -515,9 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     if os.geteuid() != 0:
-        parser.error("run as root: the phases are those of root mode")
+        parser.error("run as root: the steps are those of root mode")
 
-    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_before = b.loadavg()
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="lonely-phases-") as tmp:
         project = Path(tmp) / "project"
@@ -526,75 +499,74 @@ def main(argv: Sequence[str] | None = None) -> int:
         (project / "conftest.py").write_text(CONFTEST.format(events=EVENTS))
         (project / "test_t.py").write_text(TEST_FILE.replace("{n}", str(tests)))
         out = Path(tmp) / "stamps.json"
-        run(project, ["--lonely-all"], clean_env(), tests, out)  # warm-up: byte-code and page caches
-        results["in-process"] = run(project, [], clean_env(BENCH_INPROCESS="1"), tests, out)
+        run(project, ["--lonely-all"], b.clean_env(), tests, out)  # warm-up: byte-code and page caches
+        results["in-process"] = run(project, [], b.clean_env(BENCH_INPROCESS="1"), tests, out)
         for name in args.variants:
             extra_args, extra_env = VARIANTS[name]
-            results[name] = run(project, ["--lonely-all", *extra_args], clean_env(**dict(extra_env)), tests, out)
+            results[name] = run(project, ["--lonely-all", *extra_args], b.clean_env(**dict(extra_env)), tests, out)
 
     names = list(results)
-    print(
-        f"machine: nproc {len(os.sched_getaffinity(0))}, kernel {platform.release()}, "
-        f"python {platform.python_version()} ({sys.executable}), pytest {importlib.metadata.version('pytest')}, "
-        f"load average {load_before} before / {' '.join(f'{x:.2f}' for x in os.getloadavg())} after"
-    )
+    counted = tests - WARMUP
+    print(b.machine_line(load_before))
     print(f"command: `{shlex.join([sys.executable, *sys.argv])}`")
     print(
-        f"{tests} trivial tests per run, the first {WARMUP} left out; medians over the tests of one run; "
-        "stamps: time.perf_counter_ns (CLOCK_MONOTONIC, shared across the fork)"
+        f"{tests} trivial tests per run (one module), the first {WARMUP} left out; wall-clock medians over the "
+        f"tests that have both stamps (k/{counted}: the step happened in only k of them); stamps: "
+        "time.perf_counter_ns (CLOCK_MONOTONIC, shared across forks). A timeline, not a cost: spans include "
+        "waiting for a core"
     )
     missing = sorted({m for r in results.values() for m in r.get("missing", [])})
     if missing:
-        print(f"not found in this build (their phases read n/a): {', '.join(missing)}")
+        print(f"not found in this build (their steps read n/a): {', '.join(missing)}")
     for name, result in results.items():
         if "problem" in result:
             print(f"**{name}: not every test passed**: {result['problem']}")
     print()
-    print(
-        "Critical path of one isolated test, in order (child rows overlap the parent's wait); the in-process "
-        "column has the same test's phases run in pytest itself, for comparison:"
-    )
+    print("The critical path of one test, in order; the in-process column has the same test's phases in pytest:")
     print()
-    print("| phase (ms, median per test) | " + " | ".join(names) + " |")
+    print("| step (ms, median per test) | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
     for label, start, end in PHASES:
-        print(f"| {label} | " + " | ".join(cell(durations(results[n], start, end, 1e6), ".3f") for n in names) + " |")
+        cells = (cell(durations(results[n], start, end, 1e6), ".3f", counted) for n in names)
+        print(f"| {label} | " + " | ".join(cells) + " |")
     print()
     print("| overlapping spans and totals (ms, median per test) | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
     for label, start, end in OVERLAPPING:
-        print(f"| {label} | " + " | ".join(cell(durations(results[n], start, end, 1e6), ".3f") for n in names) + " |")
+        cells = (cell(durations(results[n], start, end, 1e6), ".3f", counted) for n in names)
+        print(f"| {label} | " + " | ".join(cells) + " |")
     base = durations(results["in-process"], "P_PROTO_START", "P_PROTO_END", 1e6)
-    over = [
-        statistics.median(durations(results[n], "P_PROTO_START", "P_PROTO_END", 1e6)) - statistics.median(base)
-        if base and durations(results[n], "P_PROTO_START", "P_PROTO_END", 1e6)
-        else None
-        for n in names
-    ]
-    print(
-        "| overhead over in-process (median protocol time difference) | "
-        + " | ".join("—" if o is None else f"{o:+.3f}" for o in over)
-        + " |"
-    )
+    over = []
+    for n in names:
+        mine = durations(results[n], "P_PROTO_START", "P_PROTO_END", 1e6)
+        over.append(statistics.median(mine) - statistics.median(base) if base and mine else None)
+    print("| overhead over in-process (protocol time) | " + " | ".join(b.fmt(o, "+.3f") for o in over) + " |")
     print()
     print("| minor page faults (median per test) | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
     for label, start, end in FAULTS:
-        print(f"| {label} | " + " | ".join(cell(durations(results[n], start, end, 1), ".0f") for n in names) + " |")
-    parent = [[float(slot[EVENTS.index("P_MINFLT")]) for slot in results[n]["slots"][WARMUP:]] for n in names]
-    print("| parent: own faults during the test's protocol | " + " | ".join(cell(p, ".0f") for p in parent) + " |")
+        print(
+            f"| {label} | "
+            + " | ".join(cell(durations(results[n], start, end, 1), ".0f", counted) for n in names)
+            + " |"
+        )
+    minflt = EVENTS.index("P_MINFLT")
+    parent = [[float(slot[minflt]) for slot in results[n]["slots"][WARMUP:]] for n in names]
+    print(
+        "| pytest: its own faults during the test's protocol | " + " | ".join(cell(p, ".0f", 0) for p in parent) + " |"
+    )
 
     def per_test(name: str, key: str, scale: float) -> str:
         value = results[name].get(key)
         return "—" if value is None else format(value * scale / tests, ".3f" if scale > 1 else ".0f")
 
     print(
-        "| all reaped children (containers with their exit, the namespace helper): faults per test | "
+        "| all reaped children (containers with their exit, zygotes): faults per test | "
         + " | ".join(per_test(n, "children_minflt", 1) for n in names)
         + " |"
     )
     print()
-    print("| CPU of all reaped children per test (ms, from RUSAGE_CHILDREN) | " + " | ".join(names) + " |")
+    print("| CPU of all reaped children per test (ms, RUSAGE_CHILDREN; not the keeper) | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
     print("| user | " + " | ".join(per_test(n, "children_cpu_user", 1000.0) for n in names) + " |")
     print(

@@ -546,8 +546,41 @@ class Capture:
             self._capman.suspend_global_capture(in_=False)
 
     def read(self) -> tuple[str, str]:
-        """What was captured since the last read (a crashed container's last output)."""
+        """What was captured since the last read, and what :meth:`peek` already gave is not given again.
+
+        It truncates pytest's capture files: call it once the container is
+        done, when no thread of ours writes on the container's behalf.
+        """
         if self._capman is None:
             return "", ""
         out, err = self._capman.read_global_capture()
-        return str(out), str(err)
+        seen, self._seen = self._seen, (0, 0)
+        return str(out)[seen[0] :], str(err)[seen[1] :]
+
+    _seen: tuple[int, int] = (0, 0)
+    _peeked: tuple[int, int] = (0, 0)
+
+    def peek(self) -> tuple[str, str]:
+        """What this process printed since the last peek, read without truncating pytest's capture files.
+
+        Truncating while another thread writes loses that thread's line (the
+        file offset is shared): while a container runs, its tests' server
+        threads in this process write at any time.  Only fd capture has files
+        to peek into; otherwise nothing is seen until :meth:`read`.
+        """
+        capturing = getattr(self._capman, "_global_capturing", None)
+        texts = []
+        for index, name in enumerate(("out", "err")):
+            tmpfile = getattr(getattr(capturing, name, None), "tmpfile", None)
+            try:
+                fd = tmpfile.fileno() if tmpfile is not None else -1
+                size = os.fstat(fd).st_size if fd >= 0 else 0
+            except (OSError, ValueError, AttributeError):
+                size, fd = 0, -1
+            start = self._peeked[index]
+            data = os.pread(fd, size - start, start) if fd >= 0 and size > start else b""
+            texts.append(data)
+        self._peeked = (self._peeked[0] + len(texts[0]), self._peeked[1] + len(texts[1]))
+        out, err = (t.decode("utf-8", "replace") for t in texts)
+        self._seen = (self._seen[0] + len(out), self._seen[1] + len(err))
+        return out, err

@@ -71,10 +71,13 @@ class Forwarder:
         if self.send is not None:
             _check_properties(report)
             data = wire.encode_report(self.config, report)
+            # The test's own teardown report is the last thing its code makes: it goes with what follows.
+            last = report.when == "teardown" and type(report) is pytest.TestReport
+            send = self.send.hold if last else self.send
             try:
-                self.send(protocol.Kind.REPORT, data)
+                send(protocol.Kind.REPORT, data)
             except protocol.FrameTooBig:
-                self.send(protocol.Kind.REPORT, wire.shrink_longrepr(data, protocol.MAX_FRAME // 4))
+                send(protocol.Kind.REPORT, wire.shrink_longrepr(data, protocol.MAX_FRAME // 4))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_warning_recorded(self, warning_message: warnings.WarningMessage) -> None:

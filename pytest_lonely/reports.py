@@ -116,7 +116,12 @@ class Reporter:
         return None
 
     def conclude(
-        self, outcome: Outcome, timeout: float, memory: int | None, capture: compat.Capture, changes: str | None = None
+        self,
+        outcome: Outcome,
+        timeout: float,
+        memory: int | None,
+        leftover: tuple[str, str],
+        changes: str | None = None,
     ) -> None:
         """Act on how the container ended: re-raise an exit, or make the missing phase's report."""
         if outcome.kind == "exit":
@@ -134,6 +139,7 @@ class Reporter:
         if outcome.kind == "done":
             missing = self.unfinished()
             if missing is None:
+                self._file_leftover("teardown", leftover)
                 return
             outcome.kind, outcome.payload = "refused", f"it said it was done after {missing}"
         if outcome.kind == "refused":
@@ -162,11 +168,11 @@ class Reporter:
             message += "\n\nfilesystem changes:\n" + changes
         phase = self.missing_phase()
         if phase == "teardown" and self.held_teardown is not None and outcome.kind != "refused":
+            self._file_leftover("teardown", leftover)
             return  # the teardown report arrived complete; whatever killed the container came after
         if phase == "teardown" and self.held_teardown is not None:
             self.held_teardown = None  # a refused container's teardown report is not believed either
-        parent_out, parent_err = capture.read()
-        out, err = outcome.stdout + parent_out, outcome.stderr + parent_err
+        out, err = outcome.stdout + leftover[0], outcome.stderr + leftover[1]
         if out:
             self.item.add_report_section(phase, "stdout", out)
         if err:
@@ -179,6 +185,12 @@ class Reporter:
             self.held_teardown = report
         else:
             self.log(report)
+
+    def _file_leftover(self, when: Phase, leftover: tuple[str, str]) -> None:
+        """What this process printed after the container's last report: the last phase's, as in-process."""
+        for key, text in zip(("stdout", "stderr"), leftover, strict=True):
+            if text:
+                self.item.add_report_section(when, key, text)
 
     def missing_phase(self) -> Phase:
         setup = self.seen.get("setup")

@@ -10,12 +10,13 @@ the running test's output, as it would in-process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import re
 import sys
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import pytest
@@ -122,7 +123,8 @@ class IsolatedRun:
                 outcome.payload = f"{outcome.payload}; {note}" if outcome.payload else note
         if outcome.kind == "interrupt" and isinstance(outcome.payload, str):
             self._show_interrupted(outcome.payload)
-        self.reporter.conclude(outcome, ready.spec.timeout, ready.spec.memory, self.capture, self._changes_text)
+        leftover = self.capture.read()  # the container is done: nobody writes for it now
+        self.reporter.conclude(outcome, ready.spec.timeout, ready.spec.memory, leftover, self._changes_text)
         preflight.note_lost_example(item, any(r.failed for r in self.reporter.seen.values()), self.state)
         self.teardown()
         compat.release_request(item)
@@ -157,10 +159,13 @@ class IsolatedRun:
         failed = outcome.kind not in ("done", "exit", "interrupt") or any(r.failed for r in self.reporter.seen.values())
         if self._changes_text is None and (failed or keep == "all"):
             self._changes_text = self._describe_changes(keep_files=keep == "all" or (keep == "failed" and failed))
-            if not failed:
+            if not failed:  # keep=all: the passing test's call report shows it (-rA), junitxml has a property
+                shown = self.reporter.seen.get("call") or self.reporter.seen.get("setup")
+                if shown is not None:
+                    shown.sections.append(("filesystem changes", self._changes_text))
                 held = self.reporter.held_teardown
                 if held is not None:
-                    held.sections.append(("filesystem changes", self._changes_text))
+                    held.user_properties.append(("lonely filesystem changes", self._changes_text))
 
     def _describe_changes(self, keep_files: bool) -> str:
         """The report section: what changed, at most a few dozen lines, and where the files were kept."""
@@ -268,10 +273,18 @@ class IsolatedRun:
         handler = self._handlers.get(kind)
         if handler is None:
             raise protocol.ProtocolError(f"no handler for frame kind {kind.value!r}")
-        # Reports are written to the terminal: not into the capture that is on while we wait.
+        handler(payload)
+
+    @contextlib.contextmanager
+    def _to_the_terminal(self) -> Iterator[None]:
+        """Reports are written to the terminal: not into the capture that is on while we wait.
+
+        Only around the writing: while it is off, what this process's threads
+        print goes to the terminal, not to the running test.
+        """
         self._suspend_capture()
         try:
-            handler(payload)
+            yield
         finally:
             self._resume_capture()
 
@@ -290,16 +303,22 @@ class IsolatedRun:
             keep = self.state.options.keep
             self._changes_text = self._describe_changes(keep_files=keep != "none")
             _add_section(report, "filesystem changes", self._changes_text)
-        self.reporter.log(report)
+        with self._to_the_terminal():
+            self.reporter.log(report)
 
     def _add_parent_output(self, report: pytest.TestReport) -> None:
         """What this process's threads printed while the container ran belongs to the running phase's report.
 
         In-process, pytest's capture files a server thread's log lines under
         the test that was running.  The container writes into files of its
-        own, so the parent reads its own capture as each report arrives.
+        own, so the parent reads its own capture as each report arrives.  Not
+        at the setup report: the parent may read it late, when the container
+        is already in the test's call, whose requests those threads serve;
+        what they print during setup goes with the call.
         """
-        out, err = self.capture.read()
+        if report.when == "setup":
+            return
+        out, err = self.capture.peek()
         when = report.when or "call"
         for key, text in (("stdout", out), ("stderr", err)):
             if not text:
@@ -321,9 +340,10 @@ class IsolatedRun:
 
     def _warn(self, payload: Any) -> None:
         record = wire.decode_warning(payload)
-        self.item.ihook.pytest_warning_recorded.call_historic(
-            kwargs=dict(warning_message=record, nodeid=self.item.nodeid, when="runtest", location=None)
-        )
+        with self._to_the_terminal():
+            self.item.ihook.pytest_warning_recorded.call_historic(
+                kwargs=dict(warning_message=record, nodeid=self.item.nodeid, when="runtest", location=None)
+            )
 
     def teardown(self) -> None:
         """Tear down, in the parent, what the next test does not share, and log the teardown report."""

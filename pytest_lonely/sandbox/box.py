@@ -134,8 +134,11 @@ class Box:
             outcome.kind, outcome.payload = "error", self.failure
             return outcome
         handed = terminal >= 0 and self.pgid > 0 and _hand_terminal(terminal, self.pgid)
-        if self.shared:
-            self.since = changes.clock_ns()
+        if self.shared and self.layers:
+            try:
+                self.since = changes.mark(self.layers[0])
+            except OSError:
+                self.since = changes.clock_ns()
         try:
             protocol.write_all(self.go_fd, protocol.encode(protocol.Kind.GO, [tail, order]))
         except OSError:

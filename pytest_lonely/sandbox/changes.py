@@ -362,6 +362,32 @@ class Snapshot:
 _CLOCK_REALTIME_COARSE: Final = 5
 
 
+#: The file :func:`mark` stamps, in the scratch tmpfs outside every layer: never seen inside, never listed.
+_MARK: Final = ".lonely-since"
+
+
+def mark(scratch_fd: int) -> int:
+    """Now, for :func:`diff`'s ``since``, as the container's filesystem itself stamps it.
+
+    A fine-grained stamp that separates what came before from what comes
+    after, made on the scratch tmpfs: touched, its time read (which makes the
+    kernel stamp that file with the fine-grained clock the next time), then
+    touched again.  With multigrain timestamps (Linux 6.13+), that stamp also
+    becomes the floor of every stamp handed out later, coarse or not, so
+    every change before it is older and every change after it is not.  On
+    older kernels stamps are coarse: a change made in the same clock tick
+    just before may then count as after, never the other way round.
+    """
+    fd = os.open(_MARK, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=scratch_fd)
+    try:
+        os.utime(fd)
+        os.fstat(fd)
+        os.utime(fd)
+        return os.fstat(fd).st_ctime_ns
+    finally:
+        os.close(fd)
+
+
 def clock_ns() -> int:
     """Now, for :func:`diff`'s ``since``, on the clock the kernel stamps files with.
 

@@ -11,6 +11,7 @@ order, and the end, for a container that runs one test.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Hashable
 from typing import Any
@@ -31,7 +32,9 @@ class ZygoteSlot:
     would pay for a zygote and gain nothing from it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, heap: Heap, thaw: bool) -> None:
+        self._heap = heap
+        self._thaw = thaw
         self.zygote: Zygote | None = None
         self._last_key: Hashable = None
         #: Why containers stopped coming from zygotes, if they did.
@@ -39,7 +42,7 @@ class ZygoteSlot:
         #: Zygotes stopped and not reaped yet: the engine reaps them with its other children.
         self.retired: list[int] = []
 
-    def get(self, key: Hashable, work: Work, keeper: Keeper, keep: tuple[int, ...], heap: Heap) -> Zygote | None:
+    def get(self, key: Hashable, work: Work, keeper: Keeper, keep: tuple[int, ...]) -> Zygote | None:
         if self.zygote is not None and self.zygote.key != key:
             self.stop()
         if self.zygote is None:
@@ -47,8 +50,8 @@ class ZygoteSlot:
                 self._last_key = key
                 return None
             try:
-                heap.prepare()
-                self.zygote = Zygote.start(key, work.factory, keeper, keep, work.prepare)
+                self._heap.prepare()
+                self.zygote = Zygote.start(key, work.factory, keeper, keep, prepare=work.prepare, thaw=self._thaw)
             except OSError as exc:
                 self.broken = f"cannot fork a zygote: {exc}"
                 return None
@@ -76,11 +79,15 @@ class Engine:
         self._pidns_fd = -1 if rootless else os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self._keeper: Keeper | None = None
         self._prefork = prefork
-        self.zygotes = ZygoteSlot()
         self.cgroups = CgroupSupply()
         #: Processes we forked that are not reaped yet (containers, stopped zygotes), with a cgroup to remove.
         self._unreaped: list[tuple[int, cgroup.Cgroup | None]] = []
         self._nice = os.getpriority(os.PRIO_PROCESS, 0)
+        # Every fork freezes the collector (a child's collection would write to every page of the heap) and
+        # thaws it after, unless the user froze objects before us: then all stays frozen rather than undo
+        # theirs.  Asked once: gc.get_freeze_count() walks the whole frozen list (18% of a container's CPU).
+        self._thaw = gc.get_freeze_count() == 0
+        self.zygotes = ZygoteSlot(self.heap, self._thaw)
         #: How each plan's copy-on-write layers map to paths inside and on the host (for what a test changed).
         self._layers: dict[Hashable, tuple[changes.Layer, ...]] = {}
 
@@ -167,7 +174,7 @@ class Engine:
         cgroup_fds = tuple(group.attach_fds()) if group is not None else ()
         self.heap.prepare()
         try:
-            started = fork.start(spec, work.factory, own_pidns=self._pidns_fd, cgroup_fds=cgroup_fds)
+            started = fork.start(spec, work.factory, own_pidns=self._pidns_fd, cgroup_fds=cgroup_fds, thaw=self._thaw)
         finally:
             for fd in cgroup_fds:
                 os.close(fd)
@@ -196,7 +203,7 @@ class Engine:
         before it is handed its test: what it copied while it waited stays
         charged to pytest's own cgroup, a few MiB the limit does not count.
         """
-        zygote = self.zygotes.get((work.key, spec.keep_fds), work, keeper, spec.keep_fds, self.heap)
+        zygote = self.zygotes.get((work.key, spec.keep_fds), work, keeper, spec.keep_fds)
         if zygote is None:
             return None
         try:

@@ -82,12 +82,15 @@ def start(
     own_pidns: int,
     cgroup_fds: tuple[int, ...] = (),
     sigint: Any = None,
+    thaw: bool = True,
 ) -> Started:
     """Fork a container built from ``spec``; it waits for GO, whose order ``factory`` turns into its body.
 
     ``own_pidns`` is an fd of the caller's own PID namespace (root mode): the
     caller unshares a PID namespace for its next child, forks, and switches
-    back, one fork instead of two.
+    back, one fork instead of two.  ``thaw``: unfreeze the collector after
+    the fork (the caller froze nothing itself; it knows, asking costs a walk of
+    every frozen object).
     """
     go_read, go_write = os.pipe2(os.O_CLOEXEC)
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -112,7 +115,6 @@ def start(
         cgroup_fds=cgroup_fds,
         sigint=sigint if sigint is not None else signal.getsignal(signal.SIGINT),
     )
-    frozen = gc.get_freeze_count() != 0
     # Rootless, the middle process makes the PID namespace and PID 1's process group.
     split = not spec.rootless
     group = sc.group_leader() if split else 0
@@ -132,7 +134,7 @@ def start(
             ours.close()
             init.main(launch)
     finally:
-        if not frozen:
+        if thaw:
             gc.unfreeze()
         os.close(go_read)
         os.close(write_fd)

@@ -140,17 +140,18 @@ class Zygote:
         factory: Factory,
         keeper: Keeper,
         keep: tuple[int, ...],
+        *,
         prepare: Callable[[], None] | None = None,
+        thaw: bool = True,
     ) -> Zygote:
         """Fork the zygote from the caller as it is now; it lives until :meth:`stop` or the caller's death."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         config = _Config(os.getpid(), factory, keeper, keep, prepare)
-        frozen = gc.get_freeze_count() != 0
-        gc.freeze()  # the zygote's collector must not write to the caller's pages
+        gc.freeze()  # the zygote's collector must not write to the caller's pages (it stays frozen there)
         try:
             pid = process.spawn(lambda: _serve(theirs.fileno(), config))
         finally:
-            if not frozen:
+            if thaw:
                 gc.unfreeze()
             theirs.close()
         return cls(key, pid, ours)
@@ -339,7 +340,7 @@ class _Server:
         if spec is None:
             spec = self.specs[message] = _spec_from(message)
         try:
-            started = fork.start(spec, self.config.factory, own_pidns=self.pidns, sigint=self.interrupt)
+            started = fork.start(spec, self.config.factory, own_pidns=self.pidns, sigint=self.interrupt, thaw=False)
         except Exception as exc:
             self._send(("failed", 0, f"{type(exc).__name__}: {exc}"))
             return True

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from helpers.inner import RunLonely
+from helpers.modes import MODES, Inner
 from helpers.rootless_env import SYSTEM_PYTHON, XDIST_GROUP, Env, SystemPythonUnfit, build_env, world_tempdir
 
 
@@ -45,5 +48,24 @@ def nobody_env() -> Iterator[Env]:
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "nobody_env" in getattr(item, "fixturenames", ()) and item.get_closest_marker("xdist_group") is None:
+        names = getattr(item, "fixturenames", ())
+        callspec = getattr(item, "callspec", None)
+        as_nobody = "nobody_env" in names or (callspec is not None and callspec.params.get("inner") == "rootless")
+        if as_nobody and item.get_closest_marker("xdist_group") is None:
             item.add_marker(XDIST_GROUP)
+
+
+@pytest.fixture(params=MODES)
+def inner(request: pytest.FixtureRequest) -> Iterator[Inner]:
+    """A project directory and a way to run pytest on it, in each mode (see helpers/modes.py)."""
+    mode: str = request.param
+    python = Path(sys.executable)
+    if mode == "rootless":
+        python = request.getfixturevalue("nobody_env").python
+    base = world_tempdir("lonely-inner-")
+    try:
+        project = base / "project"
+        project.mkdir()
+        yield Inner(mode, project, python)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -14,84 +14,16 @@ as uid 65534 (rootless).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from helpers.rootless_env import CLEAN_ENV, NOBODY, chown_tree, world_tempdir
+from helpers.modes import MODES, Inner
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="root runs the root modes and becomes uid 65534")
-
-#: zygote and direct: as root, containers from the zygote or forked from pytest; rootless: pytest as uid 65534.
-MODES = ("zygote", "direct", "rootless")
-PREBUILD = {"zygote": "1", "direct": "0", "rootless": "1"}
-
-
-@dataclasses.dataclass
-class Inner:
-    """Inner sessions in one mode, in a project directory the mode's user owns."""
-
-    mode: str
-    project: Path
-    python: Path
-
-    def write(self, **files: str) -> None:
-        for name, text in files.items():
-            (self.project / (name if name.endswith(".py") else f"{name}.py")).write_text(textwrap.dedent(text))
-        if self.mode == "rootless":
-            chown_tree(self.project, NOBODY, NOBODY)
-
-    def argv(self, *args: str) -> list[str]:
-        argv = [str(self.python), "-m", "pytest", "-p", "lonely", "-p", "no:cacheprovider", "-p", "no:randomly"]
-        argv += ["-rA", "--junitxml=junit.xml", f"--basetemp={self.project / 'basetemp'}", *args]
-        if self.mode == "rootless":
-            argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
-        return argv
-
-    def env(self) -> dict[str, str]:
-        return {**CLEAN_ENV, "HOME": str(self.project), "PYTEST_LONELY_PREBUILD": PREBUILD[self.mode]}
-
-    def run(self, *args: str, timeout: float = 240) -> Result:
-        """Output to files: the container's report pipe is then the only pipe it holds."""
-        with open(self.project / "out.txt", "wb") as out:
-            proc = subprocess.run(
-                self.argv(*args), cwd=self.project, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
-                timeout=timeout, check=False,
-            )  # fmt: skip
-        junit = self.project / "junit.xml"
-        return Result(proc.returncode, (self.project / "out.txt").read_text(errors="replace"), cases(junit))
-
-
-@dataclasses.dataclass
-class Result:
-    ret: int
-    out: str
-    cases: dict[str, list[str]]
-
-
-@pytest.fixture(params=MODES)
-def inner(request: pytest.FixtureRequest) -> Iterator[Inner]:
-    mode: str = request.param
-    python = Path(sys.executable)
-    if mode == "rootless":
-        python = request.getfixturevalue("nobody_env").python
-    base = world_tempdir("lonely-hostile-")
-    try:
-        project = base / "project"
-        project.mkdir()
-        yield Inner(mode, project, python)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
 
 #: What a hostile test uses to speak on the container's report pipe, as a test could.
 HOSTILE_CONFTEST = '''
@@ -132,17 +64,6 @@ def linger():
 
 import contextlib
 '''
-
-
-def cases(path: Path) -> dict[str, list[str]]:
-    """Each test case's outcome elements, in the order junitxml wrote them (a test twice shows twice)."""
-    found: dict[str, list[str]] = {}
-    if not path.exists():
-        return found
-    for case in ET.parse(path).iter("testcase"):
-        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")] or ["passed"]
-        found.setdefault(case.get("name", ""), []).extend(kinds)
-    return found
 
 
 @contextlib.contextmanager
