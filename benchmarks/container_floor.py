@@ -378,12 +378,11 @@ def child(variant: Variant, ctx: Context) -> None:
         old.switch_root("/")
     elif variant.root.startswith("lonely"):  # as init._pid1 builds a root
         mountplan = ctx.mountplan
-        mountplan.run(mountplan.SCRATCH)
-        mountplan.run(ctx.plans[variant.root])
+        mountplan.enter_scratch()
+        mountplan.build(ctx.plans[variant.root])
         if variant.proc:
-            mountplan.run(mountplan.proc_program(variant.root != "lonely-nocovers"))
-        mountplan.run(mountplan.SWITCH)
-        os.chdir("/")
+            mountplan.mount_proc(variant.root != "lonely-nocovers")
+        mountplan.switch_root("/")
     elif variant.proc:
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     if variant.userns:

@@ -164,16 +164,15 @@ def _pid1(launch: Launch, host_pid: int) -> int:
     locked = not spec.rootless and not spec.privileged
     ctl = socket.socket(fileno=launch.ctl_fd)
     # The plan was compiled by our forker (spec.program): here, only its system calls (see mountplan).
-    mountplan.run(mountplan.SCRATCH)
+    mountplan.enter_scratch()
     layers = [os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
-    notes = tuple(mountplan.run(spec.program))
+    notes = tuple(mountplan.build(spec.program))
     if spec.rootless and spec.plan_key.rootfs is None:  # the host view's top level is a tmpfs of its own
         layers.append(os.open(rootfs.NEW, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
     # /proc before the switch (rootless, the kernel wants a visible /proc); root mode, its covers are made
     # before the user namespace below, whose copy of the mounts locks them.
-    mountplan.run(mountplan.proc_program(locked))
-    mountplan.run(mountplan.SWITCH)
-    rootfs.enter_cwd(spec.cwd)
+    mountplan.mount_proc(locked)
+    mountplan.switch_root(spec.cwd)
     try:  # no door into its own layers stays open here: the parent reads them, the test never
         socket.send_fds(ctl, [LAYERS], layers)
     finally:

@@ -412,7 +412,7 @@ def enter_scratch() -> None:
     """Make all mounts private, then pivot into a fresh tmpfs with the host at ``/oldroot``."""
     from . import mountplan  # it compiles this module's plans
 
-    mountplan.run(mountplan.SCRATCH)
+    mountplan.enter_scratch()
 
 
 def apply(ops: Plan) -> list[str]:
@@ -424,15 +424,14 @@ def apply(ops: Plan) -> list[str]:
     """
     from . import mountplan
 
-    return mountplan.run(mountplan.compiled(ops))
+    return mountplan.build(mountplan.compiled(ops))
 
 
 def switch_root(cwd: str) -> None:
     """Pivot into ``/newroot`` and drop every trace of the host tree."""
     from . import mountplan
 
-    mountplan.run(mountplan.SWITCH)
-    enter_cwd(cwd)
+    mountplan.switch_root(cwd)
 
 
 def hosts_text(current: str | None, hostname: str) -> str | None:
