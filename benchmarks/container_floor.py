@@ -9,7 +9,12 @@ identity-mapped user namespace that locks the mounts, a copy-on-write
 overlay of ``/`` on a tmpfs upper, a fresh ``/proc``), runs nothing and
 exits; the parent reaps it at once.  Variants remove one piece at a time, or
 replay pytest-lonely's own mount plan for this machine (and that plan minus
-a piece), so that every piece gets a price.
+a piece), so that every piece gets a price.  The plan rows build the root as
+PID 1 does: the plan compiled once in the parent (``mountplan``), its calls
+made in the child.  ``--baseline DIR`` adds a row that replays the same plan
+with the pytest-lonely of another checkout (``DIR/pytest_lonely``, imported
+under another name), e.g. the code before a change, container by container
+with the others.
 
 What is counted is CPU, never wall time: the parent moves itself into a
 ``cpuacct`` cgroup made for each batch, so the batch's CPU is that of the
@@ -169,6 +174,7 @@ VARIANTS: Final = {
         Variant("lonely-nocovers", "lonely plan without the /proc covers and hidden proc", root="lonely-nocovers"),
         Variant("lonely-nodev", "lonely plan with /dev a bare tmpfs (no node binds, no devpts)", root="lonely-nodev"),
         Variant("lonely-lean", "lonely plan, same syscalls, precompiled (lean Python replay)", root="lonely-lean"),
+        Variant("lonely-baseline", "lonely plan + /proc, covers + lock, built by --baseline's code", root="baseline"),
     )
 }  # fmt: skip
 for _name, _v in list(VARIANTS.items()):
@@ -176,15 +182,41 @@ for _name, _v in list(VARIANTS.items()):
         VARIANTS[_name] = dataclasses.replace(_v, root="lonely")
 
 
+#: The environment variable that hands ``--baseline`` to the workers.
+BASELINE_ENV: Final = "LONELY_FLOOR_BASELINE"
+
+
 @dataclasses.dataclass
 class Context:
     userns_fd: int
     plans: dict[str, Any]
+    #: pytest_lonely.sandbox.mountplan, and the baseline checkout's rootfs module (imported before any fork).
+    mountplan: Any = None
+    baseline: Any = None
+
+
+def import_baseline(checkout: str) -> Any:
+    """``checkout``'s ``pytest_lonely.sandbox.rootfs``, imported as ``lonely_baseline.sandbox.rootfs``."""
+    import tempfile
+
+    where = tempfile.mkdtemp(prefix="lonely-floor-baseline-")
+    link = os.path.join(where, "lonely_baseline")
+    os.symlink(os.path.join(os.path.abspath(checkout), "pytest_lonely"), link)
+    sys.path.insert(0, where)
+    try:
+        import importlib
+
+        return importlib.import_module("lonely_baseline.sandbox.rootfs")  # imports all it uses
+    finally:
+        sys.path.remove(where)
+        os.unlink(link)
+        os.rmdir(where)
 
 
 def lonely_plans() -> dict[str, Any]:
-    """pytest-lonely's root-mode plan for the host view here, and variants of it with one piece removed."""
-    from pytest_lonely.sandbox import init, rootfs
+    """pytest-lonely's root-mode plan for the host view here, and variants of it with one piece removed: the
+    compiled program of each (as the engine hands PID 1), the raw plan for the baseline."""
+    from pytest_lonely.sandbox import init, mountplan, rootfs
 
     del init  # imported here so that the children do not import it
 
@@ -204,11 +236,12 @@ def lonely_plans() -> dict[str, Any]:
 
     nodev = [op for op in full if not in_dev(op)]
     return {
-        "lonely": full,
-        "lonely-sys-norec": tuple(norec),
-        "lonely-nocovers": full,
-        "lonely-nodev": tuple(nodev),
+        "lonely": mountplan.compiled(full),
+        "lonely-sys-norec": mountplan.compiled(tuple(norec)),
+        "lonely-nocovers": mountplan.compiled(full),
+        "lonely-nodev": mountplan.compiled(tuple(nodev)),
         "lonely-lean": compile_lean(full),
+        "baseline": full,
     }
 
 
@@ -335,16 +368,21 @@ def child(variant: Variant, ctx: Context) -> None:
             result = func(*call_args)
             if result is not None and result < 0:
                 raise OSError(ctypes.get_errno(), f"{func.__name__}{call_args}")
-    elif variant.root.startswith("lonely"):
-        from pytest_lonely.sandbox import init, rootfs
-
-        rootfs.enter_scratch()
-        rootfs.apply(ctx.plans[variant.root])
+    elif variant.root == "baseline":  # as the baseline's init._pid1 builds a root
+        old = ctx.baseline
+        old.enter_scratch()
+        old.apply(ctx.plans["baseline"])
+        old.mount_proc(old.NEW + "/proc")
+        old.cover_proc(old.NEW + "/proc")
+        old.hide_readonly_proc(old.NEW)
+        old.switch_root("/")
+    elif variant.root.startswith("lonely"):  # as init._pid1 builds a root
+        mountplan = ctx.mountplan
+        mountplan.enter_scratch()
+        mountplan.build(ctx.plans[variant.root])
         if variant.proc:
-            rootfs.mount_proc(rootfs.NEW + "/proc")
-            if variant.root != "lonely-nocovers":
-                init._seal_proc(rootfs.NEW)
-        rootfs.switch_root("/")
+            mountplan.mount_proc(variant.root != "lonely-nocovers")
+        mountplan.switch_root("/")
     elif variant.proc:
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     if variant.userns:
@@ -495,8 +533,14 @@ def worker(parent: str, commands: Any, answers: Any) -> None:
     got = grow_to(rss)
     plans = lonely_plans() if rss >= 30 else {}  # pytest-lonely imports pytest: its rows need a pytest-sized parent
     ctx = Context(identity_userns(), plans)
+    if plans:
+        from pytest_lonely.sandbox import mountplan
+
+        ctx.mountplan = mountplan
+        if os.environ.get(BASELINE_ENV):
+            ctx.baseline = import_baseline(os.environ[BASELINE_ENV])
     pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    answers.write(json.dumps({"rss": got, "lonely": bool(plans)}) + "\n")
+    answers.write(json.dumps({"rss": got, "lonely": bool(plans), "baseline": ctx.baseline is not None}) + "\n")
     answers.flush()
     for line in commands:
         parts = line.split()
@@ -558,6 +602,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="parent VmRSS in MB, comma-separated, '+filelock' to import filelock (12: bare Python, nothing imported)",
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--baseline",
+        help="a checkout of pytest-lonely (e.g. before a change) whose code builds the 'lonely-baseline' row",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -565,6 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if os.geteuid() != 0:
         parser.error("needs root (namespaces, mounts, cgroups)")
+    if args.baseline:
+        os.environ[BASELINE_ENV] = args.baseline  # the workers inherit it
     load_before = os.getloadavg()
     sizes = [s for s in args.parents.split(",") if s]
     outputs: dict[str, dict[str, Any]] = {}
@@ -574,7 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             (spec, name)
             for spec in sizes
             for name in args.variants
-            if parents[spec].info["lonely"] or not VARIANTS[name].root.startswith("lonely")
+            if (parents[spec].info["lonely"] or not VARIANTS[name].root.startswith("lonely"))
+            and (parents[spec].info["baseline"] or VARIANTS[name].root != "baseline")
         ]
         for spec, name in jobs:  # warm-up
             parents[spec].batch(name, max(args.count // 10, 3))

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import os
 import platform
 import socket
+import stat
 import struct
 import warnings
+from collections.abc import Callable
+from typing import Any, cast
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -68,11 +72,16 @@ IS_LINUX = platform.system() == "Linux"
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
+def error(err: int, what: str, *args: object) -> OSError:
+    """The error a failed call of ours raises: the call, its arguments and the reason, e.g.
+    ``[Errno 1] mount('/a', '/b', None, '0x1000', None): Operation not permitted``."""
+    detail = ", ".join(repr(a) for a in args)
+    return OSError(err, f"{what}({detail}): {os.strerror(err)}")
+
+
 def _check(result: int, what: str, *args: object) -> None:
     if result < 0:
-        err = ctypes.get_errno()
-        detail = ", ".join(repr(a) for a in args)
-        raise OSError(err, f"{what}({detail}): {os.strerror(err)}")
+        raise error(ctypes.get_errno(), what, *args)
 
 
 def unshare(flags: int) -> None:
@@ -167,6 +176,122 @@ def mount_setattr_rdonly(path: str) -> None:
         "mount_setattr",
         path,
     )
+
+
+# --- raw calls, for code that makes many in a row (a compiled mount plan) ---------------------------
+#
+# Each is a ctypes function object of its own (``_libc[name]`` makes a new one) whose argument types are
+# set once, here, and returns what libc returns: 0, or -1 with :func:`last_errno` telling why.  Paths are
+# passed as addresses (:func:`address`) of bytes the caller keeps alive: ctypes converts an int without
+# keeping a reference to it, so a call writes to none of its arguments, where a bytes argument would have
+# its reference count written, and in a freshly forked child the page holding it copied.
+
+#: A call ready to make: the function and its arguments.
+Call = tuple[Callable[..., int], tuple[Any, ...]]
+
+
+def address(data: bytes) -> int:
+    """Where ``data``'s bytes are, for a raw call's path argument; ``data`` must outlive the call."""
+    return cast(int, ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value)
+
+
+#: The errno of the last raw call that failed (read before any other call).
+last_errno = ctypes.get_errno
+
+
+def _raw(name: str, restype: Any, *argtypes: Any) -> Callable[..., int]:
+    try:
+        function = _libc[name]
+    except AttributeError:  # not Linux: the module must still import
+        return _unavailable(name)
+    function.restype = restype
+    function.argtypes = argtypes
+    return cast("Callable[..., int]", function)
+
+
+def _unavailable(name: str) -> Callable[..., int]:
+    def call(*args: Any) -> int:
+        raise OSError(errno.ENOSYS, f"{name}: not available on {platform.system()}")
+
+    return call
+
+
+_ptr, _int, _uint, _long = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_long
+_raw_mount = _raw("mount", _int, _ptr, _ptr, _ptr, ctypes.c_ulong, _ptr)
+_raw_umount2 = _raw("umount2", _int, _ptr, _int)
+_raw_pivot_root = _raw("syscall", _long, _long, _ptr, _ptr)
+_raw_mount_setattr = _raw("syscall", _long, _long, _int, _ptr, _uint, _ptr, ctypes.c_size_t)
+_raw_mkdir = _raw("mkdir", _int, _ptr, _uint)
+_raw_chmod = _raw("chmod", _int, _ptr, _uint)
+_raw_chdir = _raw("chdir", _int, _ptr)
+_raw_symlink = _raw("symlink", _int, _ptr, _ptr)
+#: The one ``mount_attr`` every read-only tree call passes (the kernel only reads it).
+_RDONLY_ATTR = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+
+
+def _mknod_by_os(path: int, mode: int, device: int) -> int:
+    """glibc before 2.33 exports no ``mknod`` (its header wraps ``__xmknod``): os.mknod, with libc's protocol."""
+    try:
+        os.mknod(ctypes.string_at(path), mode, device)
+    except OSError as exc:
+        ctypes.set_errno(exc.errno or errno.EIO)
+        return -1
+    return 0
+
+
+_raw_mknod = _raw("mknod", _int, _ptr, _uint, ctypes.c_uint64) if hasattr(_libc, "mknod") else _mknod_by_os
+
+
+def mount_call(source: int | None, target: int, fstype: int | None, flags: int, data: int | None) -> Call:
+    return _raw_mount, (source, target, fstype, flags, data)
+
+
+def umount2_call(target: int, flags: int) -> Call:
+    return _raw_umount2, (target, flags)
+
+
+def pivot_root_call(new_root: int, put_old: int) -> Call:
+    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        return _no_pivot_root, (new_root, put_old)
+    return _raw_pivot_root, (number, new_root, put_old)
+
+
+def _no_pivot_root(*args: Any) -> int:
+    raise OSError(38, f"pivot_root: unknown syscall number on {platform.machine()}")
+
+
+def mount_setattr_rdonly_call(path: int) -> Call:
+    """:func:`mount_setattr_rdonly` as a raw call."""
+    return _raw_mount_setattr, (
+        _SYS_MOUNT_SETATTR,
+        _AT_FDCWD,
+        path,
+        _AT_RECURSIVE,
+        ctypes.addressof(_RDONLY_ATTR),
+        ctypes.sizeof(_RDONLY_ATTR),
+    )
+
+
+def mkdir_call(path: int, mode: int) -> Call:
+    return _raw_mkdir, (path, mode)
+
+
+def chmod_call(path: int, mode: int) -> Call:
+    return _raw_chmod, (path, mode)
+
+
+def chdir_call(path: int) -> Call:
+    return _raw_chdir, (path,)
+
+
+def symlink_call(target: int, path: int) -> Call:
+    return _raw_symlink, (target, path)
+
+
+def create_call(path: int, mode: int) -> Call:
+    """An empty regular file (``mknod(S_IFREG)``: the kernel's ``open(O_CREAT | O_EXCL)`` without a descriptor)."""
+    return _raw_mknod, (path, stat.S_IFREG | mode, 0)
 
 
 _SIOCGIFFLAGS = 0x8913

@@ -25,7 +25,7 @@ import traceback
 from typing import Any, Final, NoReturn
 
 from . import _syscalls as sc
-from . import cgroup, namespaces, process, protocol, rootfs
+from . import cgroup, mountplan, namespaces, process, protocol, rootfs
 from .spec import ContainerSpec, Factory, Inside
 
 #: PID 1 to its forker over the launch channel: "I am in my user namespace, write its ID maps".
@@ -163,16 +163,16 @@ def _pid1(launch: Launch, host_pid: int) -> int:
     spec = launch.spec
     locked = not spec.rootless and not spec.privileged
     ctl = socket.socket(fileno=launch.ctl_fd)
-    rootfs.enter_scratch()
+    # The plan was compiled by our forker (spec.program): here, only its system calls (see mountplan).
+    mountplan.enter_scratch()
     layers = [os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)]
-    notes = tuple(rootfs.apply(spec.plan))
+    notes = tuple(mountplan.build(spec.program))
     if spec.rootless and spec.plan_key.rootfs is None:  # the host view's top level is a tmpfs of its own
         layers.append(os.open(rootfs.NEW, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-    rootfs.mount_proc(rootfs.NEW + "/proc")  # before the switch: rootless, the kernel wants a visible /proc
-    if locked:
-        rootfs.cover_proc(rootfs.NEW + "/proc")
-        rootfs.hide_readonly_proc(rootfs.NEW)
-    rootfs.switch_root(spec.cwd)
+    # /proc before the switch (rootless, the kernel wants a visible /proc); root mode, its covers are made
+    # before the user namespace below, whose copy of the mounts locks them.
+    mountplan.mount_proc(locked)
+    mountplan.switch_root(spec.cwd)
     try:  # no door into its own layers stays open here: the parent reads them, the test never
         socket.send_fds(ctl, [LAYERS], layers)
     finally:

@@ -2,10 +2,10 @@
 
 Planning (reading the host's mount table, deciding what to overlay, bind or
 create) is the expensive, policy-laden part, so the parent does it once per
-distinct configuration and hands the child a flat tuple of operations.  The
-child only replays them: every operation is one or two system calls, which
-keeps the per-test cost down and makes the exact mount sequence easy to read
-and to test.
+distinct configuration into a flat tuple of operations, which keeps the exact
+mount sequence easy to read and to test.  The child does not interpret them:
+``mountplan`` compiles each plan once, in the parent, into system calls with
+their arguments ready, and the child makes them in a tight loop.
 
 The sequence follows bubblewrap: make every mount private, mount a scratch
 tmpfs, ``pivot_root`` into it so that the host tree sits at ``/oldroot``
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
-import stat
 import sys
 import sysconfig
 from collections.abc import Iterable
@@ -35,7 +33,7 @@ NEW: Final = "/newroot"
 
 #: Parts of a fresh /proc that act on the whole host; PID 1 covers each that exists, read-only (root mode).
 PROC_COVERS: Final = ("sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "scsi", "driver", "latency_stats", "mtrr")
-#: Where root mode keeps its hidden read-only proc (see :func:`hide_readonly_proc`).
+#: Where root mode keeps its hidden read-only proc (see ``mountplan._hidden_proc``).
 HIDDEN_PROC: Final = "/dev/.lonely-proc"
 
 #: The files the engine itself writes into a container's root once it is built, before the test starts
@@ -412,50 +410,28 @@ def _tmp(layout: HostLayout, key: PlanKey, layers: _Layers) -> list[Op]:
 
 def enter_scratch() -> None:
     """Make all mounts private, then pivot into a fresh tmpfs with the host at ``/oldroot``."""
-    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-    sc.mount("tmpfs", "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755")
-    os.chdir("/tmp")
-    os.mkdir("oldroot", 0o755)
-    sc.pivot_root(".", "oldroot")
-    os.chdir("/")
+    from . import mountplan  # it compiles this module's plans
+
+    mountplan.enter_scratch()
 
 
-def mount_proc(target: str) -> None:
-    """A fresh /proc for the calling process's PID namespace; only PID 1 of that namespace calls this."""
-    sc.mount("proc", target, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+def apply(ops: Plan) -> list[str]:
+    """Replay a plan inside the scratch root, compiled (see :mod:`.mountplan`); returns what it could not show.
 
-
-def cover_proc(proc: str) -> None:
-    """Read-only binds over the parts of a fresh ``/proc`` that reach the whole host (bubblewrap's and Docker's list).
-
-    Made as host root before the user namespace, so the copy into it locks them: root inside cannot
-    remount or unmount them.  The uid-0 map makes euid 0 global root, and ``/proc/sys`` checks only
-    that, so nothing but these binds stops a sysctl write.  A fresh proc has no submounts, so its
-    flags are known and no ``statvfs`` is needed.
+    An ``optional`` group that fails is skipped with a note (a host mount we
+    cannot show is no reason to fail the test); any other failure is fatal.
+    PID 1 runs its spec's program (compiled by the forker); this is for callers that hold only a plan.
     """
-    flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
-    for name in PROC_COVERS:
-        path = f"{proc}/{name}"
-        if os.path.lexists(path):
-            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
-            sc.mount(None, path, None, flags)
+    from . import mountplan
+
+    return mountplan.build(mountplan.compiled(ops))
 
 
-def hide_readonly_proc(root: str) -> None:
-    """A fully visible, read-only proc under a read-only tmpfs, so a nested PID namespace may mount one.
+def switch_root(cwd: str) -> None:
+    """Pivot into ``/newroot`` and drop every trace of the host tree."""
+    from . import mountplan
 
-    The kernel allows a new proc in a user namespace only if a proc at least as restrictive is fully
-    visible; ``/proc`` is not (its covers), this one is.  The tmpfs goes over its parent: a mount on the
-    proc itself would make it "not fully visible" again.  The tmpfs holds an empty ``proc`` directory, so
-    that every mount point ``/proc/self/mountinfo`` lists exists inside (psutil's ``disk_partitions``
-    stats them all): the hidden proc's own mount point is listed too.
-    """
-    hidden = root + HIDDEN_PROC
-    flags = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
-    sc.mount("proc", hidden + "/proc", "proc", sc.MS_RDONLY | flags)
-    sc.mount("tmpfs", hidden, "tmpfs", flags, "size=4k,nr_inodes=2,mode=0755")
-    os.mkdir(hidden + "/proc", 0o555)
-    sc.mount(None, hidden, None, sc.MS_REMOUNT | sc.MS_RDONLY | flags)
+    mountplan.switch_root(cwd)
 
 
 def hosts_text(current: str | None, hostname: str) -> str | None:
@@ -532,113 +508,6 @@ def _bind_file_over(path: str, text: str) -> None:
         sc.mount(source, path, None, sc.MS_BIND)
     finally:
         os.unlink(source)
-
-
-def _mkdirs(path: str) -> None:
-    parts = path.strip("/").split("/")
-    current = ""
-    for part in parts:
-        current += "/" + part
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            os.mkdir(current, 0o755)
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            raise RootfsError(
-                f"cannot create mount point {path[len(NEW) :]!r}: {current[len(NEW) :]!r} is a symlink in the root"
-            )
-        if not stat.S_ISDIR(st.st_mode):
-            raise RootfsError(
-                f"cannot create mount point {path[len(NEW) :]!r}: {current[len(NEW) :]!r} is not a directory"
-            )
-
-
-def _bind_ro(source: str, target: str) -> None:
-    sc.mount(source, target, None, sc.MS_BIND | sc.MS_REC)
-    try:
-        try:
-            sc.mount_setattr_rdonly(target)  # the whole tree, submounts included (Linux >= 5.12)
-        except OSError:
-            sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.mount_flags_of(target))
-    except OSError:
-        # Never leave a writable window onto the host behind: drop the bind, then report.
-        sc.umount2(target, sc.MNT_DETACH)
-        raise
-
-
-def _cow(lower: str, target: str, n: int, rootless: bool) -> None:
-    if not os.path.isdir(f"/.u{n}"):  # may already hold mount points made by the plan
-        os.mkdir(f"/.u{n}", 0o755)
-    os.mkdir(f"/.w{n}", 0o755)
-    try:
-        # nodev: a device node in a lower layer (or made by a test) must not open the host's device.
-        try:
-            sc.mount("overlay", target, "overlay", sc.MS_NODEV, _overlay_data(lower, n, rootless))
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            # Linux before 4.17 knows no xino: inode numbers then differ between stat and readdir.
-            sc.mount("overlay", target, "overlay", sc.MS_NODEV, _overlay_data(lower, n, rootless, xino=False))
-    except OSError:
-        _bind_ro(lower, target)
-
-
-def _do(step: Step) -> None:
-    match step:
-        case ("mount", source, target, fstype, flags, data):
-            sc.mount(source, target, fstype, flags, data)
-        case ("cow", lower, target, n, rootless):
-            _cow(lower, target, n, rootless)
-        case ("mkdir", path, mode):
-            os.mkdir(path, mode)
-            if mode != 0o755:
-                os.chmod(path, mode)
-        case ("mkdirs", path):
-            _mkdirs(path)
-        case ("touch", path):
-            if not os.path.lexists(path):
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
-        case ("symlink", target, path):
-            if not os.path.lexists(path):
-                os.symlink(target, path)
-        case ("bind_ro", source, target):
-            _bind_ro(source, target)
-        case ("bind", source, target):
-            sc.mount(source, target, None, sc.MS_BIND | sc.MS_REC)
-
-
-def apply(ops: Plan) -> list[str]:
-    """Replay a plan inside the scratch root.
-
-    An ``optional`` group that fails is skipped with a note (a host mount we
-    cannot show is no reason to fail the test); any other failure is fatal.
-    """
-    notes: list[str] = []
-    for op in ops:
-        match op:
-            case ("note", text):
-                notes.append(text)
-            case ("optional", host_path, steps):
-                try:
-                    for step in steps:
-                        _do(step)
-                except (OSError, RootfsError) as exc:
-                    notes.append(f"{host_path} is not available inside the container: {exc}")
-            case _:
-                try:
-                    _do(op)
-                except (OSError, RootfsError) as exc:
-                    raise RootfsError(f"building the container root failed at {op[0]} {op[1:]!r}: {exc}") from exc
-    return notes
-
-
-def switch_root(cwd: str) -> None:
-    """Pivot into ``/newroot`` and drop every trace of the host tree."""
-    os.chdir(NEW)
-    sc.pivot_root(".", ".")
-    sc.umount2(".", sc.MNT_DETACH)
-    enter_cwd(cwd)
 
 
 def enter_cwd(cwd: str) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from . import namespaces, protocol, rootfs
+from . import mountplan, namespaces, protocol, rootfs
 from .limits import Limits
 
 
@@ -35,6 +35,12 @@ class ContainerSpec:
     privileged: bool = False
     #: fds above 2 the body may keep (pytest's capture files); every other inherited fd is held by /dev/null.
     keep_fds: tuple[int, ...] = ()
+    #: ``plan`` compiled (mountplan), in the process that makes the spec, once per plan: the one that forks.
+    program: mountplan.Program = dataclasses.field(default=mountplan.EMPTY, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.program.plan is not self.plan:
+            object.__setattr__(self, "program", mountplan.compiled(self.plan))
 
     @property
     def namespaces(self) -> frozenset[str]:
