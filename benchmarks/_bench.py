@@ -236,11 +236,11 @@ def cache_dir() -> Path:
     return Path(base) / "pytest-lonely-bench"
 
 
-def sources_digest() -> str:
+def sources_digest(repo: Path = REPO) -> str:
     """What the pytest-lonely venv is built from: a venv per state of the package's sources."""
     digest = hashlib.sha256()
-    for path in [*sorted((REPO / "pytest_lonely").rglob("*.py")), REPO / "pyproject.toml"]:
-        digest.update(path.relative_to(REPO).as_posix().encode())
+    for path in [*sorted((repo / "pytest_lonely").rglob("*.py")), repo / "pyproject.toml"]:
+        digest.update(path.relative_to(repo).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -282,7 +282,7 @@ def forked_venv(cache: Path) -> tuple[str | None, str | None]:
     return ensure_venv(where, [f"pytest=={PINNED_PYTEST}", f"pytest-forked=={FORKED_VERSION}"])
 
 
-def lonely_venv(cache: Path) -> tuple[str | None, str | None]:
+def lonely_venv(cache: Path, repo: Path = REPO) -> tuple[str | None, str | None]:
     """pytest 8.3.5 and pytest-lonely as this checkout's sources are now (a copy, not an editable install).
 
     One venv per state of the sources, so that two checkouts measured at the
@@ -291,18 +291,20 @@ def lonely_venv(cache: Path) -> tuple[str | None, str | None]:
     the source tree is copied over it, so that what runs is every module of
     the checkout even where the wheel leaves some out (see :func:`wheel_gaps`).
     """
-    where = cache / f"lonely-pytest-{PINNED_PYTEST}-{sources_digest()}"
+    where = cache / f"lonely-pytest-{PINNED_PYTEST}-{sources_digest(repo)}"
     fresh = not (where / "bench-complete").exists()
-    python, why = ensure_venv(where, [f"pytest=={PINNED_PYTEST}", str(REPO)])
+    python, why = ensure_venv(where, [f"pytest=={PINNED_PYTEST}", str(repo)])
     if python is None or not fresh:
         return python, why
     site = Path(run_python(python, "import sysconfig; print(sysconfig.get_path('purelib'))"))
     installed = site / "pytest_lonely"
     gaps = [
-        str(p.relative_to(REPO)) for p in sources() if not (installed / p.relative_to(REPO / "pytest_lonely")).exists()
+        str(p.relative_to(repo))
+        for p in sources(repo)
+        if not (installed / p.relative_to(repo / "pytest_lonely")).exists()
     ]
     (where / "bench-wheel-gaps").write_text("".join(f"{gap}\n" for gap in gaps))
-    shutil.copytree(REPO / "pytest_lonely", installed, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "pytest_lonely", installed, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     return python, None
 
 
@@ -312,8 +314,8 @@ def wheel_gaps(python: str) -> list[str]:
     return marker.read_text().split() if marker.exists() else []
 
 
-def sources() -> list[Path]:
-    return sorted(p for p in (REPO / "pytest_lonely").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+def sources(repo: Path = REPO) -> list[Path]:
+    return sorted(p for p in (repo / "pytest_lonely").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 
 
 def run_python(python: str, code: str, *args: str) -> str:

@@ -107,7 +107,7 @@ LAYOUTS: Final = {
 
 #: Which interpreter a row runs on: pytest-lonely's (pinned venv or this one), pytest-forked's venv, or the
 #: copy uid 65534 can read.
-LONELY, FORKED, ROOTLESS = "lonely", "forked", "rootless"
+LONELY, FORKED, ROOTLESS, BASE = "lonely", "forked", "rootless", "base"
 
 #: Per-test quantities, from each run: (key, scale to per-test units).
 METRICS: Final = {"wall": 1000.0, "cpu": 1000.0, "cpuk": 1000.0, "machine": 1000.0, "minflt": 1.0}
@@ -135,7 +135,7 @@ class Row:
         return [arg.split("=", 1)[0] for arg in self.pytest_args if arg.startswith("--lonely-")]
 
 
-def make_rows(oci_image: Path | None) -> dict[str, Row]:
+def make_rows(oci_image: Path | None, baseline: Path | None = None) -> dict[str, Row]:
     """Every row, in table order."""
     lonely = ("-p", "lonely", "--lonely-all")
     rows = [
@@ -210,6 +210,14 @@ def make_rows(oci_image: Path | None) -> dict[str, Row]:
         Row("cpus", "pytest-lonely, cgroup `--lonely-cpus 1`", (*lonely, "--lonely-cpus", "1"), optional=True),
         Row("privileged", "pytest-lonely, `--lonely-privileged`", (*lonely, "--lonely-privileged"), optional=True),
         Row(
+            "base",
+            f"pytest-lonely from `--baseline` ({baseline or 'DIR'}), a container per test (`--lonely-all`)",
+            lonely,
+            optional=True,
+            python=BASE,
+            unavailable=None if baseline else "n/a (no other checkout given: `--baseline DIR`)",
+        ),
+        Row(
             "oci",
             "pytest-lonely, OCI image rootfs (`--lonely-rootfs OCI_LAYOUT`)",
             (*lonely, "--lonely-rootfs", str(oci_image or "OCI_LAYOUT")),
@@ -226,7 +234,12 @@ def rows_help() -> str:
     for row in make_rows(None).values():
         env = " ".join(f"{k}={v}" for k, v in row.env)
         args = " ".join(row.pytest_args) or "(nothing)"
-        where = {LONELY: "pytest-lonely's venv", FORKED: "pytest-forked's venv", ROOTLESS: f"uid {NOBODY}"}[row.python]
+        where = {
+            LONELY: "pytest-lonely's venv",
+            FORKED: "pytest-forked's venv",
+            ROOTLESS: f"uid {NOBODY}",
+            BASE: "the --baseline checkout's venv",
+        }[row.python]
         base = f"vs {row.baseline}" if row.baseline else "baseline"
         kind = "optional" if row.optional else "default"
         lines.append(f"  {row.name:<15} {kind:<8} {base:<20} {where}: {(env + ' ') if env else ''}pytest {args}")
@@ -529,6 +542,18 @@ def summary(res: Results) -> list[str]:
         lines.append(ratio_line("wall", GOAL_WALL))
     else:
         lines.append("pytest-lonely / pytest-forked ratios: — (need both the `lonely` and the `forked` rows)")
+    if "base" in res.chosen and "lonely" in res.chosen:
+        lines.append("")
+        lines.append("This checkout (`lonely`) minus the `--baseline` checkout (`base`), over plain, round by round:")
+        for key in ("cpu", "cpuk", "wall"):
+            mine, base = res.over_rounds("lonely", key), res.over_rounds("base", key)
+            values = [mine[r] - base[r] for r in mine if r in base]
+            spread = b.quartiles(values)
+            lines.append(
+                f"- {names[key]}: median **{b.fmt(b.median(values), '+.3f')} ms** per test; middle half "
+                f"{b.fmt(spread[0] if spread else None, '+.3f')}..{b.fmt(spread[1] if spread else None, '+.3f')}; "
+                f"this checkout cheaper in {sum(v < 0 for v in values)} of {len(values)} rounds"
+            )
     if "scope-session" in res.chosen:
         lines.append("")
         lines.append(
@@ -597,6 +622,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--enable", nargs="+", default=[], metavar="ROW", help="add optional rows (see below)")
     parser.add_argument("--oci-image", type=Path, metavar="DIR", help="an OCI image layout for the `oci` row")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="another checkout of pytest-lonely (`git worktree add /tmp/base COMMIT`): enables the `base` row, that "
+        f"checkout on pytest {b.PINNED_PYTEST} in a venv of its own, paired round by round with `lonely`",
+    )
+    parser.add_argument(
         "--here",
         action="store_true",
         help="run the pytest-lonely rows on this interpreter and its pytest, not on pytest "
@@ -618,8 +650,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--rounds must be at least 1, got {rounds}")
     if args.oci_image is not None and not args.oci_image.is_dir():
         parser.error(f"--oci-image {str(args.oci_image)!r}: not a directory (an OCI image layout is a directory)")
-    rows = make_rows(args.oci_image.resolve() if args.oci_image else None)
-    chosen = choose(parser, rows, args.only, args.enable)
+    if args.baseline is not None and not (args.baseline / "pytest_lonely" / "plugin.py").is_file():
+        parser.error(f"--baseline {str(args.baseline)!r}: not a pytest-lonely checkout (no pytest_lonely/plugin.py)")
+    rows = make_rows(
+        args.oci_image.resolve() if args.oci_image else None, args.baseline.resolve() if args.baseline else None
+    )
+    chosen = choose(parser, rows, args.only, args.enable + (["base"] if args.baseline else []))
 
     load_before = b.loadavg()
     command_line = shlex.join([sys.executable, *sys.argv])
@@ -647,6 +683,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"({', '.join(gaps[:3])}{', ...' if len(gaps) > 3 else ''}): copied into the venv from the "
                         "sources, so that what is measured is the checkout"
                     )
+        if BASE in wanted and args.baseline is not None:
+            python, why = b.lonely_venv(args.cache_dir, args.baseline.resolve())
+            if python is None:
+                why_not[BASE] = why or "?"
+            else:
+                contexts[BASE] = (python, project, env)
         if FORKED in wanted:
             python, why = b.forked_venv(args.cache_dir)
             if python is None:
