@@ -69,7 +69,8 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "arm64": 41, "riscv64": 41, "pp
 
 IS_LINUX = platform.system() == "Linux"
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+#: The one handle on the C library every engine module calls through (``use_errno``: our calls read ``errno``).
+LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
 def error(err: int, what: str, *args: object) -> OSError:
@@ -88,19 +89,19 @@ def unshare(flags: int) -> None:
     if hasattr(os, "unshare"):
         os.unshare(flags)
         return
-    _check(_libc.unshare(ctypes.c_int(flags)), "unshare", hex(flags))
+    _check(LIBC.unshare(ctypes.c_int(flags)), "unshare", hex(flags))
 
 
 def setns(fd: int, nstype: int) -> None:
     if hasattr(os, "setns"):
         os.setns(fd, nstype)
         return
-    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns", fd, hex(nstype))
+    _check(LIBC.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns", fd, hex(nstype))
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
     _check(
-        _libc.mount(
+        LIBC.mount(
             None if source is None else os.fsencode(source),
             os.fsencode(target),
             None if fstype is None else os.fsencode(fstype),
@@ -117,7 +118,7 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, d
 
 
 def umount2(target: str, flags: int = 0) -> None:
-    _check(_libc.umount2(os.fsencode(target), ctypes.c_int(flags)), "umount2", target, flags)
+    _check(LIBC.umount2(os.fsencode(target), ctypes.c_int(flags)), "umount2", target, flags)
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
@@ -125,7 +126,7 @@ def pivot_root(new_root: str, put_old: str) -> None:
     if number is None:
         raise OSError(38, f"pivot_root: unknown syscall number on {platform.machine()}")
     _check(
-        _libc.syscall(ctypes.c_long(number), os.fsencode(new_root), os.fsencode(put_old)),
+        LIBC.syscall(ctypes.c_long(number), os.fsencode(new_root), os.fsencode(put_old)),
         "pivot_root",
         new_root,
         put_old,
@@ -133,7 +134,7 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 
 def prctl(option: int, arg: int) -> None:
-    _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0), "prctl", option, arg)
+    _check(LIBC.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0), "prctl", option, arg)
 
 
 def mount_flags_of(path: str) -> int:
@@ -165,7 +166,7 @@ def mount_setattr_rdonly(path: str) -> None:
     """Make a whole mount tree read-only in one call; unlike a remount it also covers submounts."""
     attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
     _check(
-        _libc.syscall(
+        LIBC.syscall(
             ctypes.c_long(_SYS_MOUNT_SETATTR),
             ctypes.c_int(_AT_FDCWD),
             os.fsencode(path),
@@ -180,7 +181,7 @@ def mount_setattr_rdonly(path: str) -> None:
 
 # --- raw calls, for code that makes many in a row (a compiled mount plan) ---------------------------
 #
-# Each is a ctypes function object of its own (``_libc[name]`` makes a new one) whose argument types are
+# Each is a ctypes function object of its own (``LIBC[name]`` makes a new one) whose argument types are
 # set once, here, and returns what libc returns: 0, or -1 with :func:`last_errno` telling why.  Paths are
 # passed as addresses (:func:`address`) of bytes the caller keeps alive: ctypes converts an int without
 # keeping a reference to it, so a call writes to none of its arguments, where a bytes argument would have
@@ -201,7 +202,7 @@ last_errno = ctypes.get_errno
 
 def _raw(name: str, restype: Any, *argtypes: Any) -> Callable[..., int]:
     try:
-        function = _libc[name]
+        function = LIBC[name]
     except AttributeError:  # not Linux: the module must still import
         return _unavailable(name)
     function.restype = restype
@@ -239,7 +240,7 @@ def _mknod_by_os(path: int, mode: int, device: int) -> int:
     return 0
 
 
-_raw_mknod = _raw("mknod", _int, _ptr, _uint, ctypes.c_uint64) if hasattr(_libc, "mknod") else _mknod_by_os
+_raw_mknod = _raw("mknod", _int, _ptr, _uint, ctypes.c_uint64) if hasattr(LIBC, "mknod") else _mknod_by_os
 
 
 def mount_call(source: int | None, target: int, fstype: int | None, flags: int, data: int | None) -> Call:
@@ -335,11 +336,11 @@ _SIG_BLOCK = 0
 _SIG_SETMASK = 2
 _SIGSET_SIZE = 128
 _ALL_SIGNALS = ctypes.create_string_buffer(_SIGSET_SIZE)
-_libc.sigfillset(_ALL_SIGNALS)
-_clone = _libc.clone
+LIBC.sigfillset(_ALL_SIGNALS)
+_clone = LIBC.clone
 _clone.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
 _clone.restype = ctypes.c_int
-_SETPGRP = ctypes.cast(_libc.setpgrp, ctypes.c_void_p)
+_SETPGRP = ctypes.cast(LIBC.setpgrp, ctypes.c_void_p)
 
 
 def group_leader() -> int:
@@ -367,10 +368,10 @@ def group_leader() -> int:
     top = (ctypes.addressof(stack) + _LEADER_STACK - 64) & ~15
     blocked = ctypes.create_string_buffer(_SIGSET_SIZE)
     # Through libc, not signal.pthread_sigmask: that one builds a set of enum members (0.2 ms a call).
-    _libc.pthread_sigmask(_SIG_BLOCK, _ALL_SIGNALS, blocked)
+    LIBC.pthread_sigmask(_SIG_BLOCK, _ALL_SIGNALS, blocked)
     try:
         pid = _clone(_SETPGRP, ctypes.c_void_p(top), _LEADER_FLAGS, None)
     finally:
-        _libc.pthread_sigmask(_SIG_SETMASK, blocked, None)
+        LIBC.pthread_sigmask(_SIG_SETMASK, blocked, None)
     _check(pid, "clone", "setpgrp")
     return int(pid)

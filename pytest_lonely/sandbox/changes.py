@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
 import errno
 import heapq
@@ -76,6 +75,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Final, Literal, NamedTuple
 
 from . import rootfs
+from ._syscalls import LIBC
 
 Kind = Literal["A", "C", "D"]
 
@@ -404,8 +404,7 @@ def clock_ns() -> int:
 _STATX_BTIME: Final = 0x800
 _AT_SYMLINK_NOFOLLOW: Final = 0x100
 _AT_EMPTY_PATH: Final = 0x1000
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_statx = getattr(_libc, "statx", None)
+_statx = getattr(LIBC, "statx", None)
 
 
 def _btime_ns(dir_fd: int, name: str) -> int | None:

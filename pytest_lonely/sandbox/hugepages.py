@@ -24,6 +24,8 @@ import ctypes
 import os
 from typing import Final
 
+from ._syscalls import LIBC
+
 MADV_HUGEPAGE: Final = 14
 MADV_COLLAPSE: Final = 25
 HUGE: Final = 2 << 20
@@ -31,8 +33,7 @@ HUGE: Final = 2 << 20
 REGROW: Final = 64 << 20
 _ENABLED: Final = "/sys/kernel/mm/transparent_hugepage/enabled"
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_madvise = _libc.madvise
+_madvise = LIBC.madvise
 _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _madvise.restype = ctypes.c_int
 
