@@ -115,6 +115,27 @@ class Reporter:
             return "no teardown report"
         return None
 
+    def judge(self, outcome: Outcome) -> None:
+        """Turn a container's claim that pytest cannot accept into a refusal, before the caller decides its fate.
+
+        A shared container that said DONE too early, or sent an exit pytest
+        cannot act on, must not be handed its group's next test: what it sends
+        next would land in that test's report.
+        """
+        if outcome.kind == "exit":
+            payload = outcome.payload
+            if not (
+                isinstance(payload, list)
+                and len(payload) == 2
+                and isinstance(payload[0], str)
+                and (payload[1] is None or type(payload[1]) is int)
+            ):
+                outcome.kind, outcome.payload = "refused", f"pytest.exit() with {payload!r}, not [message, returncode]"
+        elif outcome.kind == "done":
+            missing = self.unfinished()
+            if missing is not None:
+                outcome.kind, outcome.payload = "refused", f"it said it was done after {missing}"
+
     def conclude(
         self,
         outcome: Outcome,
@@ -124,24 +145,14 @@ class Reporter:
         changes: str | None = None,
     ) -> None:
         """Act on how the container ended: re-raise an exit, or make the missing phase's report."""
+        self.judge(outcome)
         if outcome.kind == "exit":
-            payload = outcome.payload
-            if (
-                isinstance(payload, list)
-                and len(payload) == 2
-                and isinstance(payload[0], str)
-                and (payload[1] is None or type(payload[1]) is int)
-            ):
-                pytest.exit(payload[0], payload[1])
-            outcome.kind, outcome.payload = "refused", f"pytest.exit() with {payload!r}, not [message, returncode]"
+            pytest.exit(outcome.payload[0], outcome.payload[1])
         if outcome.kind == "interrupt":
             raise KeyboardInterrupt
         if outcome.kind == "done":
-            missing = self.unfinished()
-            if missing is None:
-                self._file_leftover("teardown", leftover)
-                return
-            outcome.kind, outcome.payload = "refused", f"it said it was done after {missing}"
+            self._file_leftover("teardown", leftover)
+            return
         if outcome.kind == "refused":
             message = (
                 f"pytest-lonely refused what this test's container sent: {outcome.payload}; "

@@ -109,6 +109,7 @@ class IsolatedRun:
             self._suspend_capture()
         group.orders += 1
         group.last = item
+        self.reporter.judge(outcome)  # a refused DONE ends even a shared container
         self._changed(outcome)
         ended = outcome.ended or keep == wire.KEEP_NONE
         if ended:

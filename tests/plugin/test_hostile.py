@@ -213,6 +213,31 @@ def test_done_ends_the_container_and_no_other_test_hears_it(inner: Inner) -> Non
     }
 
 
+DONE_EARLY_SHARED = """
+import time, pytest
+from conftest import say
+
+pytestmark = pytest.mark.isolated(scope="module")
+
+def test_says_done_early():
+    say("done")
+    time.sleep(0.2)  # pytest's own reports of this test follow the DONE on the pipe
+
+def test_after():
+    pass
+"""
+
+
+def test_a_refused_done_ends_a_shared_container_too(inner: Inner) -> None:
+    """A group's next test never gets a container that was refused: its late frames would be that test's."""
+    inner.write(**{"conftest.py": HOSTILE_CONFTEST}, test_done_shared=DONE_EARLY_SHARED)
+    result = inner.run()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.out
+    assert "it said it was done after a passed setup but no call report" in result.out
+    assert "while running" not in result.out
+    assert result.cases == {"test_says_done_early": ["failure"], "test_after": ["passed"]}
+
+
 # --- 4. reports: only the container's own, in pytest's order ----------------------------------------------------------
 
 FORGERIES = """
