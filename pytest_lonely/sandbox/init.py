@@ -14,6 +14,7 @@ code, one order (GO) at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import os
@@ -25,7 +26,7 @@ import traceback
 from typing import Any, Final, NoReturn
 
 from . import _syscalls as sc
-from . import cgroup, mountplan, namespaces, process, protocol, rootfs
+from . import cgroup, mountplan, namespaces, process, protocol, rootfs, seccomp
 from .spec import ContainerSpec, Factory, Inside
 
 #: PID 1 to its forker over the launch channel: "I am in my user namespace, write its ID maps".
@@ -191,6 +192,10 @@ def _pid1(launch: Launch, host_pid: int) -> int:
         # No CLONE_NEWCGROUP: made inside the user namespace it would let root mount cgroup
         # hierarchies and mkdir at the host's hierarchy root (the container has no cgroup of its own).
         sc.unshare(namespaces.flags(spec.namespaces - {"pid", "user"}))
+        # Before any test code: no keystrokes pushed into pytest's terminal (see seccomp).  A kernel
+        # without seccomp filters leaves that to dev.tty.legacy_tiocsti = 0, as the README says.
+        with contextlib.suppress(OSError):
+            seccomp.install()
     if "net" in spec.namespaces:
         sc.interface_up("lo")
     out_fd, err_fd, diag_fd = launch.outputs

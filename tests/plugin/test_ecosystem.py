@@ -11,11 +11,8 @@ there).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pty
 import re
-import select
 import socket
 import subprocess
 import sys
@@ -28,6 +25,7 @@ from pathlib import Path
 import pytest
 from helpers.host import FIXTURE_ROOTFS
 from helpers.inner import RunLonely, requires_plugin, unique_sleeps
+from helpers.terminal import in_a_terminal
 
 needs_xdist = requires_plugin("pytest-xdist", "xdist")
 needs_cov = requires_plugin("pytest-cov", "pytest_cov")
@@ -853,41 +851,6 @@ def test_pdb_inside_the_container(pytester: pytest.Pytester) -> None:
     assert re.search(r"=+ 1 failed in ", out), out
 
 
-def _in_a_terminal(
-    cwd: Path, argv: list[str], steps: list[tuple[bytes, bytes]], timeout: float = 60
-) -> tuple[int, str]:
-    """Run ``argv`` with a pseudo-terminal as its controlling terminal: wait for each prompt, then type its reply."""
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover - the child execs pytest at once
-        os.chdir(cwd)
-        os.execv(argv[0], argv)
-    seen = b""
-    deadline = time.monotonic() + timeout
-    pending = list(steps)
-    try:
-        while time.monotonic() < deadline:
-            if pending and pending[0][0] in seen:
-                prompt, reply = pending.pop(0)
-                seen = seen.replace(prompt, b"<" + prompt[1:], 1)  # each prompt answers one step
-                os.write(fd, reply)
-            if not select.select([fd], [], [], 0.1)[0]:
-                continue
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:  # EIO: the terminal's other side closed, pytest is done
-                break
-            if not chunk:
-                break
-            seen += chunk
-        _, status = os.waitpid(pid, 0)
-    finally:
-        os.close(fd)
-        with contextlib.suppress(ProcessLookupError, ChildProcessError):
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
-
-
 def test_pdb_reads_the_real_terminal_inside_the_container(pytester: pytest.Pytester) -> None:
     """With a terminal: the container is a process group of its own, so pytest lends it the terminal.
 
@@ -917,7 +880,7 @@ def test_pdb_reads_the_real_terminal_inside_the_container(pytester: pytest.Pytes
         "-s",
         "--pdb",
     ]
-    status, out = _in_a_terminal(
+    status, out = in_a_terminal(
         pytester.path, argv, [(b"(Pdb) ", b"p 6*7\n"), (b"(Pdb) ", b"p os.getpid()\n"), (b"(Pdb) ", b"c\n")]
     )
     assert status == 1, out
@@ -943,7 +906,7 @@ def test_ctrl_c_in_the_terminal_interrupts_the_test_inside(pytester: pytest.Pyte
         """
     )
     argv = [sys.executable, "-m", "pytest", "-p", "lonely", "-p", "no:cacheprovider", "-p", "no:randomly", "-s"]
-    status, out = _in_a_terminal(pytester.path, argv, [(b"WAITING", b"\x03")])
+    status, out = in_a_terminal(pytester.path, argv, [(b"WAITING", b"\x03")])
     assert status == pytest.ExitCode.INTERRUPTED, out
     assert "interrupted in its container" in out, out
     # The test's own line: the sleep, or the print just before it when Ctrl-C came that fast.

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 from helpers.modes import MODES, Inner
+from helpers.terminal import in_a_terminal
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="root runs the root modes and becomes uid 65534")
 
@@ -355,6 +356,45 @@ def test_a_signal_to_its_own_group_stays_in_the_container(inner: Inner) -> None:
     result = inner.run()
     assert result.ret == pytest.ExitCode.OK, result.out
     assert list(result.cases.values()) == [["passed"]] * 4, result.cases
+
+
+TERMINAL = """
+import errno, fcntl, os, termios, pytest
+
+def push():
+    fd = os.open("/dev/tty", os.O_RDWR)  # the controlling terminal: pytest's, which is the user's shell's
+    try:
+        fcntl.ioctl(fd, termios.TIOCSTI, b"#")
+        return "pushed"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    finally:
+        os.close(fd)
+
+@pytest.mark.isolated
+def test_pushes_keystrokes_into_the_terminal():
+    print("INSIDE:", push())
+
+def test_in_process():
+    print("IN-PROCESS:", push())
+"""
+
+
+def test_no_keystrokes_pushed_into_pytests_terminal(inner: Inner) -> None:
+    """``TIOCSTI`` on the controlling terminal needs no capability where ``dev.tty.legacy_tiocsti`` is 1.
+
+    Root inside could type a command into the shell that started pytest, to run
+    once pytest exits (bubblewrap's CVE-2017-5226).  The terminal is a
+    pseudo-terminal of this test's: what is pushed into it is read by nobody.
+    """
+    inner.write(test_terminal=TERMINAL)
+    status, out = in_a_terminal(inner.project, inner.argv("-s"), [], env=inner.env())
+    assert status == pytest.ExitCode.OK, out
+    assert "INSIDE: EPERM" in out, out
+    with open("/proc/sys/dev/tty/legacy_tiocsti") as f:
+        legacy = f.read().strip() == "1"
+    # In-process, pytest's own process may (where the kernel allows it): what the container must not.
+    assert ("IN-PROCESS: pushed" if legacy or inner.mode != "rootless" else "IN-PROCESS: EPERM") in out, out
 
 
 # --- 6. descriptors: a stale object never writes into a pipe of ours -------------------------------------------------
