@@ -10,7 +10,8 @@ the container may be handed a test:
   channel, the forker writes them;
 * rootless: PID 1 is the child of a middle process that made the user
   namespace; the middle, which runs no test code, hands the forker a pidfd
-  of PID 1 over the launch channel, which PID 1 never holds.
+  of PID 1 over the launch channel, which PID 1 holds only until its root
+  is built (to send its layers), never once test code runs.
 
 Either way the forker ends up holding PID 1 by a pidfd it got from the
 kernel or from a process of ours, never from anything a container said.

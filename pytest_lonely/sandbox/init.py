@@ -6,7 +6,8 @@ Every path out of :func:`main` ends in ``os._exit`` so that no parent-side
 ``atexit`` handler, buffered output or ``finally`` block runs twice.
 
 The order follows the facts of the kernel (see bubblewrap): guard against
-the parent's death, leave pytest's session and process group, create the
+the parent's death, leave pytest's process group (not its session: the
+terminal stays usable, see seccomp), create the
 namespaces, make every mount private, build the root in a scratch tmpfs,
 pivot into it, enter a user namespace of its own, and only then run foreign
 code, one order (GO) at a time.
@@ -106,7 +107,8 @@ def _rootless_middle(launch: Launch) -> int:
     """Rootless: enter a user namespace, map ourselves to root, fork PID 1, hand the forker its pidfd.
 
     This process runs no test code, so what it says on the launch channel can
-    be believed; PID 1 never holds that channel.
+    be believed.  PID 1 inherits that channel, but only to send its layers
+    before any test code runs; then it is held by ``/dev/null``.
     """
     process.guard_parent(launch.parent_pid)
     # In pytest's process group until PID 1 leaves it: Ctrl-C there is pytest's to forward, not ours to die of.

@@ -1,6 +1,6 @@
 """Which namespaces a container gets, decided in one place.
 
-The launcher, the prebuild helper, the child and the report header all ask
+The forker, the container, the probe and the report header all ask
 :func:`for_container`, so they can never disagree about whether a test has,
 say, its own network.
 """

@@ -58,8 +58,8 @@ _PSEUDO_FS: Final = frozenset(
 _SPECIAL_TOP: Final = ("proc", "sys", "dev", "tmp")
 _SYSTEM_DIRS: Final = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
-# Operations: tagged tuples, so that marshal can carry them to the prebuild helper (it refuses
-# NamedTuples) and ``match`` can take them apart with full typing.
+# Operations: tagged tuples, plain data that ``mountplan`` compiles and ``match`` takes apart with full
+# typing.
 Mkdir = tuple[Literal["mkdir"], str, int]  # path, mode
 Mkdirs = tuple[Literal["mkdirs"], str]  # create missing parents and the dir, never through a symlink
 Touch = tuple[Literal["touch"], str]  # an empty file to bind a file onto

@@ -227,14 +227,13 @@ def _fds() -> list[int]:
     return sorted(int(n) for n in os.listdir("/proc/self/fd"))
 
 
-def prebuild_socket(host_path: str) -> Probe:
-    """Send every inherited socket the pool's request that would make the root helper create ``host_path``.
+def inherited_sockets(host_path: str) -> Probe:
+    """Send every inherited socket a request that 0.1's root helper would have obeyed by creating ``host_path``.
 
-    The request follows ``pytest_lonely/sandbox/pool.py``: a ``<I`` length,
-    then ``marshal.dumps((PlanKey fields, ops))``.  The helper enters a
-    scratch root with the host at ``/oldroot`` and replays the ops, so
-    ``("touch", "/oldroot" + host_path)`` creates the file on the host.
-    The outer test checks whether it appeared.
+    The request follows that helper's protocol (``pool.py``, gone since): a
+    ``<I`` length, then ``marshal.dumps((PlanKey fields, ops))``, whose ops it
+    replayed with the host at ``/oldroot``.  Nothing should hold a socket now;
+    the outer test checks that the file did not appear.
     """
     p = Probe()
     ops = (("mkdir", "/newroot", 0o755), ("touch", "/oldroot" + host_path))

@@ -12,8 +12,8 @@ container with the probes of ``boundary_probes.py``.  Two things must hold:
   a hole is open.
 
 In root mode every probe runs twice in the same inner session: the first
-test builds its own namespaces in the child, the second one joins the
-namespaces that the prebuild pool made ahead of time (``pool.py``).
+test's container is forked straight from pytest, the second one's from the
+zygote, which built it ahead of time (``sandbox/zygote.py``).
 
 Then the other side: what a test must still be able to do inside (uid 0,
 sethostname, writes into the overlay, chown, low ports and ``ip`` in its own
@@ -70,12 +70,12 @@ HOST_ONLY = next(
     ),
     "lost+found",
 )
-WHICHES = ("built_in_child", "prebuilt")
+WHICHES = ("from_pytest", "from_zygote")
 
 SYSCTL = "/proc/sys/kernel/printk_ratelimit"
 CORE_PATTERN = "/proc/sys/kernel/core_pattern"
 KNOB_CANDIDATES = ("/sys/kernel/mm/ksm/pages_to_scan", "/sys/kernel/mm/transparent_hugepage/khugepaged/pages_to_scan")
-PROBE_ADDRESSES = {"built_in_child": "127.0.0.77", "prebuilt": "127.0.0.78"}
+PROBE_ADDRESSES = {"from_pytest": "127.0.0.77", "from_zygote": "127.0.0.78"}
 CGROUP_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/pids", "/sys/fs/cgroup")
 
 
@@ -162,7 +162,7 @@ class Box:
         twice: bool = True,
         extra: str = "",
     ) -> InnerRun:
-        """One inner session whose isolated test runs ``body`` (in root mode twice: built here, then prebuilt)."""
+        """One inner session whose isolated test runs ``body`` (root mode: twice, from pytest, then from the zygote)."""
         self._count += 1
         project = self.base / f"p{self._count}"
         project.mkdir()
@@ -174,7 +174,7 @@ class Box:
         st = os.stat(log)  # the inner session's stdout and stderr: inherited fds to it are stdio
         source = INNER_HEADER.format(constants=constants or {}, stdio=[(st.st_dev, st.st_ino)])
         indented = textwrap.indent(textwrap.dedent(body).strip("\n"), "    ")
-        for which in ("built_in_child", "prebuilt") if twice and not self.rootless else ("built_in_child",):
+        for which in ("from_pytest", "from_zygote") if twice and not self.rootless else ("from_pytest",):
             source += TWICE.format(mark=mark, which=which, body=indented)
         (project / "test_inner.py").write_text(source + textwrap.dedent(extra))
         if ini:
@@ -334,17 +334,21 @@ def test_forged_file_handle_does_not_open_the_host_root(box: Box) -> None:
         shutil.rmtree(ro)
 
 
-def test_prebuild_helper_takes_no_orders_from_the_container(root_box: Box) -> None:
-    """The container finds the pool's socket among its fds and asks the root helper to create a host file."""
+def test_no_socket_of_ours_takes_orders_from_the_container(root_box: Box) -> None:
+    """Every socket the container holds is asked, as 0.1's root helper once was, to create a host file.
+
+    The zygote's and the keeper's sockets are held by ``/dev/null`` before any
+    test code runs: nothing of ours that acts as root listens inside.
+    """
     target_dir = root_box.host_dir("lonely-boundary-helper-")
     targets = {which: str(target_dir / unique(f"created-by-helper-{which}")) for which in WHICHES}
     try:
         run = root_box.run(
-            "check(record_property, bp.prebuild_socket(C['targets'][WHICH]))",
+            "check(record_property, bp.inherited_sockets(C['targets'][WHICH]))",
             constants={"targets": targets},
         )
         appeared = sorted(os.listdir(target_dir))
-        assert not appeared, f"the prebuild helper created {appeared} in {target_dir} on the host\n{run.explain()}"
+        assert not appeared, f"a socket of ours created {appeared} in {target_dir} on the host\n{run.explain()}"
         run.assert_passed()
     finally:
         shutil.rmtree(target_dir)
@@ -585,7 +589,7 @@ def test_privileged_binds_a_low_port_on_the_host_network(root_box: Box) -> None:
             bp.bind_low_port({port})
         """,
     )
-    run.assert_passed("test_built_in_child", "test_privileged")
+    run.assert_passed("test_from_pytest", "test_privileged")
 
 
 def _free(port: int) -> bool:
@@ -608,7 +612,7 @@ def test_privileged_is_an_error_rootless(rootless_box: Box) -> None:
             pass
         """,
     )
-    case = run.cases.get("test_built_in_child")
+    case = run.cases.get("test_from_pytest")
     assert case is not None, run.explain()
     assert case.outcome in ("error", "failed"), run.explain()
     assert "privileged" in case.message, case.message
