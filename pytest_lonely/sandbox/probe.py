@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import select
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -49,6 +50,8 @@ STEPS: Final = (
     "make-private",
     "fork",
     "mount-proc",
+    "lock-user",
+    "lock-map",
 )
 
 #: Seconds the probe may take before its child is killed.  Generous because the
@@ -249,6 +252,32 @@ def _mount_proc(f: _Facts) -> str:
     return f"{f.failed}. Run pytest as root, where /proc is fully visible."
 
 
+def _lock_user(f: _Facts) -> str:
+    why = "root mode locks each container's mounts in a user namespace of its own"
+    if f.err == errno.ENOSPC:
+        limit = "is 0" if f.max_userns == "0" else f"is used up{f' (it is {f.max_userns})' if f.max_userns else ''}"
+        return (
+            f"{why}, but {f.failed}: user.max_user_namespaces {limit}. "
+            "Fix: sudo sysctl -w user.max_user_namespaces=15000."
+        )
+    if f.err == errno.EPERM and f.in_container:
+        return f"{why}, but the container's seccomp profile blocks it: {f.failed}. Fix: {_SECCOMP_FIX}."
+    if f.err == errno.EINVAL:
+        return f"{why}, but this kernel has none: {f.failed}. Use a kernel built with CONFIG_USER_NS."
+    return (
+        f"{why}, but {f.failed}: a seccomp filter (systemd's RestrictNamespaces=) or a security module "
+        "(SELinux, AppArmor) denies it to root; lift that restriction."
+    )
+
+
+def _lock_map(f: _Facts) -> str:
+    return (
+        f"root mode maps every id to itself in each container's user namespace, and {f.failed}: pytest's own "
+        "user namespace maps fewer ids (root in a rootless container, say). "
+        "Run pytest as a regular user there (rootless mode), or in a container that maps every id."
+    )
+
+
 #: The rehearsal's steps (:data:`STEPS`), each with the function that explains its refusal.
 _BY_STEP: Final[Mapping[str, Callable[[_Facts], str]]] = {
     "platform": _platform,
@@ -260,6 +289,8 @@ _BY_STEP: Final[Mapping[str, Callable[[_Facts], str]]] = {
     "make-private": _make_private,
     "fork": _fork,
     "mount-proc": _mount_proc,
+    "lock-user": _lock_user,
+    "lock-map": _lock_map,
 }
 
 
@@ -468,21 +499,35 @@ def _child_main(fd: int, rootless: bool, uid: int, gid: int, parent: int) -> Non
         step = "fork"
 
         me = os.getpid()
+        # Root mode: PID 1 locks its mounts in a user namespace of its own, whose maps we write (as fork.py does).
+        ask, answer = socket.socketpair()
+        # PID 1 mounts its own /proc over ours (one mount namespace): its maps are found through this one.
+        host_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
         def pid1_main() -> int:
             try:
                 process.guard_parent(me)  # a killed child must take PID 1 along
-                _pid1_main(fd)
+                ask.close()
+                _pid1_main(fd, None if rootless else answer)
                 return 0
             except BaseException as exc:
                 _report(fd, f"error {type(exc).__name__} in PID 1: {exc}")
                 return 1
 
         pid1 = process.spawn(pid1_main)
+        answer.close()
     except OSError as exc:
         _report(fd, f"fail {step} {exc.errno or 0}")
         return
     _report(fd, f"pid1 {pid1}")
+    if not rootless and ask.recv(1) == b"m":
+        try:
+            for name in ("uid_map", "gid_map"):
+                process.write_once(f"{pid1}/{name}", namespaces.IDENTITY_MAP, dir_fd=host_proc)
+            ask.send(b"k")
+        except OSError as exc:
+            _report(fd, f"fail lock-map {exc.errno or 0}")
+    ask.close()
     _, status = os.waitpid(pid1, 0)
     if status != 0:
         _report(
@@ -490,8 +535,14 @@ def _child_main(fd: int, rootless: bool, uid: int, gid: int, parent: int) -> Non
         )
 
 
-def _pid1_main(fd: int) -> None:  # pragma: no cover
-    """Mount a fresh proc: the step that container runtimes and partial /proc masks break."""
+def _pid1_main(fd: int, lock: socket.socket | None) -> None:  # pragma: no cover
+    """Mount a fresh proc (the step container runtimes and partial /proc masks break); root mode, then lock.
+
+    ``lock``: root mode's channel to our parent, which writes the identity maps
+    of the user namespace we enter, as a container's forker does.  A map that
+    root cannot write (pytest as root in a container whose own user namespace
+    maps fewer ids) is found here, not in every test.
+    """
     if os.getpid() != 1:
         _report(fd, f"error the probe's grandchild is PID {os.getpid()}, not 1: unshare(CLONE_NEWPID) had no effect")
         return
@@ -500,4 +551,13 @@ def _pid1_main(fd: int) -> None:  # pragma: no cover
     except OSError as exc:
         _report(fd, f"fail mount-proc {exc.errno or 0}")
         return
+    if lock is not None:
+        try:
+            _syscalls.unshare(_syscalls.CLONE_NEWUSER)
+        except OSError as exc:
+            _report(fd, f"fail lock-user {exc.errno or 0}")
+            return
+        lock.send(b"m")
+        if lock.recv(1) != b"k":
+            return  # our parent reported why it could not write the maps
     _report(fd, "ok")

@@ -141,9 +141,9 @@ def describe_status(status: int | None, subject: str = "container") -> str:
     return f"{subject} exited with status {status}"
 
 
-def write_once(path: str, text: str) -> None:
+def write_once(path: str, text: str, dir_fd: int | None = None) -> None:
     """One ``write(2)``: the kernel takes an ID map, a ``setgroups`` or a cgroup knob only in a single write."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         os.write(fd, text.encode())
     except OSError as exc:  # name the file: the caller may tell uid_map from setgroups by it

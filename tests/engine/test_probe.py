@@ -250,6 +250,39 @@ def test_probe_reports_enospc_from_max_user_namespaces() -> None:
 
 @linux
 @root
+def test_root_mode_probe_reports_a_user_namespace_it_cannot_make() -> None:
+    """Root mode locks mounts in a user namespace per container: a limit of 0 is found by the probe, not by each test.
+
+    Run as root of a user namespace of our own (``unshare --map-root-user``),
+    whose own ``user.max_user_namespaces`` is 0, so the host's stays as it is.
+    """
+    if not shutil.which("unshare"):
+        pytest.skip("util-linux unshare not installed")
+    shell = 'echo 0 > /proc/sys/user/max_user_namespaces && exec "$0" -c "$1"'
+    script = _PRINT_PROBE.replace("probe()", "probe(rootless=False)")
+    out = _run(["unshare", "--user", "--map-root-user", "sh", "-c", shell, sys.executable, script])
+    ok, rootless, reason = out.split(" ", 2)
+    assert (ok, rootless) == ("False", "False")
+    assert "lock-user failed with ENOSPC" in reason
+    assert "sysctl -w user.max_user_namespaces=15000" in reason
+
+
+@linux
+@root
+def test_root_mode_probe_reports_ids_it_cannot_map() -> None:
+    """Root whose own user namespace maps one id (root in a rootless container) cannot map every id to itself."""
+    if not shutil.which("unshare"):
+        pytest.skip("util-linux unshare not installed")
+    script = _PRINT_PROBE.replace("probe()", "probe(rootless=False)")
+    out = _run(["unshare", "--user", "--map-root-user", sys.executable, "-c", script])
+    ok, rootless, reason = out.split(" ", 2)
+    assert (ok, rootless) == ("False", "False")
+    assert "lock-map failed with EPERM" in reason
+    assert "rootless mode" in reason
+
+
+@linux
+@root
 def test_probe_reports_masked_proc() -> None:
     """Overmount one /proc file, as Docker does, in a private mount namespace: a user namespace may not mount proc."""
     if not shutil.which("unshare"):
@@ -309,7 +342,7 @@ def test_probe_kills_a_hung_pid1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
     pid_file = tmp_path / "pid1"
 
-    def hang(fd: int) -> None:
+    def hang(fd: int, lock: object) -> None:
         pid_file.write_text(os.readlink("/proc/self"))  # still the host's /proc: the host PID
         time.sleep(60)
 
