@@ -23,6 +23,7 @@ import platform
 import signal
 import socket
 import sys
+import tempfile
 import traceback
 from typing import Any, Final, NoReturn
 
@@ -259,6 +260,21 @@ def _settle(spec: ContainerSpec) -> None:
     if "HOSTNAME" in os.environ:
         os.environ["HOSTNAME"] = spec.hostname
     _forget_uname()
+    _make_tmpdir()
+
+
+def _make_tmpdir() -> None:
+    """``$TMPDIR`` (and the directory ``tempfile`` already chose) exist inside, as outside, if under ``/tmp``.
+
+    The container's ``/tmp`` is a fresh tmpfs: a ``TMPDIR=/tmp/build-42`` that
+    CI set, or that ``tempfile.tempdir`` cached in pytest before the fork, would
+    name nothing inside, and every ``mkstemp()`` of the test would fail.  It is
+    made empty, private to the container, like the rest of its ``/tmp``.
+    """
+    for path in {os.environ.get("TMPDIR"), tempfile.tempdir}:
+        if path and os.path.normpath(path).startswith("/tmp/") and not os.path.isdir(path):
+            with contextlib.suppress(OSError):
+                os.makedirs(path, mode=0o700)
 
 
 def _await_go(fd: int) -> tuple[Any, Any] | None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -40,7 +42,9 @@ import os
 import platform
 import re
 import socket
+import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -127,6 +131,35 @@ def test_identity_pid_hostname_and_container_fixture(
     assert len(ids) == 4, result.stdout.str()
     assert all(HEX12.fullmatch(cid) for cid in ids), ids
     assert len(set(ids)) == len(ids), f"container ids repeat within one run: {ids}"
+
+
+TMPDIR_TESTS = """
+import os, tempfile, pytest
+
+CACHED = tempfile.gettempdir()  # chosen in pytest before any fork, as a suite's helper module may do
+
+@pytest.mark.isolated
+@pytest.mark.parametrize("n", range(2))  # the second container comes from the zygote
+def test_mkstemp_in_tmpdir(n):
+    fd, path = tempfile.mkstemp()
+    os.close(fd)
+    assert os.path.dirname(path) == CACHED == os.environ["TMPDIR"]
+"""
+
+
+def test_a_tmpdir_under_tmp_exists_inside(
+    pytester: pytest.Pytester, run_lonely: RunLonely, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI often sets ``TMPDIR`` below ``/tmp``; the container's fresh ``/tmp`` must have it (plumbum's suite does)."""
+    tmpdir = tempfile.mkdtemp(prefix="lonely-tmpdir-", dir="/tmp")
+    try:
+        monkeypatch.setenv("TMPDIR", tmpdir)
+        pytester.makepyfile(test_tmpdir=TMPDIR_TESTS)
+        result = run_lonely("-rA", timeout=60)
+        result.assert_outcomes(passed=2)
+        assert os.listdir(tmpdir) == [], "the container's files stay in the container's /tmp"
+    finally:
+        shutil.rmtree(tmpdir)
 
 
 def test_marker_is_registered(run_lonely: RunLonely) -> None:
@@ -491,7 +524,9 @@ def _pgrep(pattern: str) -> list[int]:
 HOST_TESTS = """
 import ctypes
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
