@@ -63,7 +63,7 @@ TESTS_PER_MODULE: Final = 20
 NOBODY: Final = 65534
 SYSTEM_PYTHON: Final = "/usr/bin/python3"
 #: Copied into the rootless interpreter's site-packages: pytest-lonely and what it needs, all pure Python.
-ROOTLESS_PACKAGES: Final = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py", "filelock", "pytest_lonely")
+ROOTLESS_PACKAGES: Final = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py", "pytest_lonely")
 #: Copied too where the source interpreter has them (pytest 9 imports pygments unconditionally).
 ROOTLESS_OPTIONAL: Final = ("pygments",)
 RUN_TIMEOUT: Final = 900.0
