@@ -246,7 +246,16 @@ def test_the_rootless_host_view_has_a_top_level_tmpfs() -> None:
 
 
 def test_mount_points_made_in_the_upper_layer_belong_to_it(tmp_path: Path) -> None:
-    stdlib, here = os.path.dirname(os.__file__), str(Path(__file__).resolve().parent)
+    # A project outside /tmp, wherever this checkout is: one under /tmp is shown after the fresh /tmp instead.
+    here = tempfile.mkdtemp(prefix="lonely-project-", dir="/var/tmp")
+    try:
+        _mount_points_of(tmp_path, here)
+    finally:
+        shutil.rmtree(here)
+
+
+def _mount_points_of(tmp_path: Path, here: str) -> None:
+    stdlib = os.path.dirname(os.__file__)
     layout = rootfs.HostLayout(mounts=(), top=(), needed=((stdlib, False), (here, True)), dev_nodes=())
     plan = rootfs.plan(layout, rootfs.PlanKey(str(tmp_path), rootless=False, network=False))
     root, project = changes.layers_of(plan)

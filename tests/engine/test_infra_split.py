@@ -8,6 +8,9 @@ from __future__ import annotations
 import ast
 import errno
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -176,11 +179,23 @@ def test_the_rootless_host_view_plan() -> None:
     assert rootfs.HIDDEN_PROC not in str(ops)  # rootless: /proc itself is fully visible
 
 
-def test_an_own_root_makes_mount_points_first_and_notes_what_cannot_be_shown(tmp_path: Path) -> None:
+@pytest.fixture
+def project_outside_tmp() -> Iterator[str]:
+    """A project directory outside /tmp, wherever this checkout is: one under /tmp is shown after the fresh /tmp."""
+    path = tempfile.mkdtemp(prefix="lonely-project-", dir="/var/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_an_own_root_makes_mount_points_first_and_notes_what_cannot_be_shown(
+    tmp_path: Path, project_outside_tmp: str
+) -> None:
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "srv").write_text("a file where a directory should be")
-    project = SANDBOX  # outside /tmp: a project under /tmp is shown after the fresh /tmp instead
+    project = project_outside_tmp
     layout = rootfs.HostLayout(
         mounts=(),
         top=(("bin", "symlink", "usr/bin"), ("usr", "dir", "")),
