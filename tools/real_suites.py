@@ -842,7 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), metavar="MODE")
     parser.add_argument("--checkout", type=Path, default=REPO, help="pytest-lonely to test (default: %(default)s)")
     parser.add_argument("--cache", type=Path, default=cache_root(), help="venvs, sdists, results (%(default)s)")
-    parser.add_argument("--full", action="store_true", help="also run the slow tests of each suite (+15 min)")
+    parser.add_argument("--full", action="store_true", help="also run the slow tests of each suite (about +12 min)")
     parser.add_argument("-k", dest="keyword", help="passed to pytest as -k")
     parser.add_argument("--pytest-arg", action="append", default=[], help="one more pytest argument (repeatable)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run before it is killed (0: never)")
