@@ -93,15 +93,17 @@ class _Program(ctypes.Structure):
     _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_Filter)))
 
 
-_ABIS = _IOCTL.get(platform.machine())
+_ABIS = _IOCTL.get(platform.machine()) if platform.system() == "Linux" else None
 #: Whether this machine's ABI is known here; elsewhere the filter is not installed (and the README says so).
 AVAILABLE: Final = _ABIS is not None
 _INSTRUCTIONS = _assemble(_ABIS) if _ABIS is not None else []
 _ARRAY = (_Filter * len(_INSTRUCTIONS))(*(_Filter(*ins) for ins in _INSTRUCTIONS))
 _PROGRAM = _Program(len(_INSTRUCTIONS), ctypes.cast(_ARRAY, ctypes.POINTER(_Filter)))
-_prctl = LIBC.prctl
-_prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong)
-_prctl.restype = ctypes.c_int
+#: The module imports on every platform (the plugin must load on macOS too); only Linux's libc has prctl.
+_prctl = getattr(LIBC, "prctl", None)
+if _prctl is not None:
+    _prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong)
+    _prctl.restype = ctypes.c_int
 
 
 def install() -> None:
@@ -111,7 +113,7 @@ def install() -> None:
     its own) or ``no_new_privs``, which we do not set: it would make setuid
     programs inside powerless.  Raises ``OSError`` if the kernel refuses.
     """
-    if not AVAILABLE:
+    if not AVAILABLE or _prctl is None:
         return
     if _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(_PROGRAM), 0, 0) != 0:
         err = ctypes.get_errno()
