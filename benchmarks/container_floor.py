@@ -54,6 +54,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from _bench import kthread_cpu, machine_busy  # run from benchmarks/: the CPU counters are written once there
+
 CLONE_NEWNS: Final = 0x00020000
 CLONE_NEWUTS: Final = 0x04000000
 CLONE_NEWIPC: Final = 0x08000000
@@ -70,8 +72,6 @@ MS_PRIVATE: Final = 1 << 18
 MNT_DETACH: Final = 0x2
 SYS_PIVOT_ROOT: Final = 155  # x86_64
 CPUACCT: Final = Path("/sys/fs/cgroup/cpuacct")
-USER_HZ: Final = os.sysconf("SC_CLK_TCK")
-PF_KTHREAD: Final = 0x00200000
 #: Seconds the batch's window stays open after the last child is reaped, for deferred kernel work.
 SETTLE: Final = 0.3
 
@@ -435,29 +435,6 @@ def mixed(names: Sequence[str], ctx: Context, pidns_fd: int, count: int) -> dict
 
 
 # --- counting ------------------------------------------------------------------------------------
-
-
-def machine_busy() -> float:
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
-    return (user + nice + system + irq + softirq) / USER_HZ
-
-
-def kthread_cpu() -> float:
-    total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(b")") + 2 :].split()
-        if int(fields[6]) & PF_KTHREAD:
-            total += int(fields[11]) + int(fields[12])
-    return total / USER_HZ
 
 
 def batch(variant: Variant, ctx: Context, pidns_fd: int, count: int) -> dict[str, float]:

@@ -52,12 +52,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
+from _bench import kthread_cpu  # run from benchmarks/: the CPU counters are written once there
+
 MADV_HUGEPAGE: Final = 14
 MADV_COLLAPSE: Final = 25
 HUGE: Final = 2 << 20
 CPUACCT: Final = Path("/sys/fs/cgroup/cpuacct")
-USER_HZ: Final = os.sysconf("SC_CLK_TCK")
-PF_KTHREAD: Final = 0x00200000
 THP: Final = Path("/sys/kernel/mm/transparent_hugepage")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -208,22 +208,6 @@ def micro_worker(size_mb: float, mode: str, commands: IO[str], answers: IO[str])
         )
         answers.flush()
     del ballast
-
-
-def kthread_cpu() -> float:
-    total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(b")") + 2 :].split()
-        if int(fields[6]) & PF_KTHREAD:
-            total += int(fields[11]) + int(fields[12])
-    return total / USER_HZ
 
 
 class Worker:
